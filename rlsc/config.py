@@ -1,0 +1,230 @@
+"""The one typed configuration of rlsc: every section of params.yaml, with the one set of defaults.
+
+The CLI, the Prefect flows and the DVC stages all read this model; nothing else holds a default.
+Each field documents itself (what it does, its default, and where the paper's value differs).
+A YAML file supplies values and `--set section.key=value` overrides them; an unknown key or a bad
+value is refused with an `RlscError` that names the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rlsc.errors import RlscError
+
+EMBEDDED_MODEL = "embedded:qwen2.5-coder-0.5b-instruct"
+DEFAULT_INSTRUCTION = (
+    "You are a careful math tutor. Solve the problem step by step in a few short sentences, "
+    "then give the final answer as a number in \\boxed{}."
+)
+
+
+class Section(BaseModel):
+    # forbid: a misspelt key is an error, never silently ignored
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Section):
+    enabled: bool = Field(True, description="Train a LoRA adapter (peft) instead of all weights.")
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout; 0 keeps sampling == scoring.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules to adapt: 'all-linear' or a list of module names."
+    )
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        EMBEDDED_MODEL,
+        description="Hub id, local folder (safetensors), or 'embedded:<name>' (assembled from PyPI wheels).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto' is bfloat16 on GPU and float32 on CPU."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code from the hub. Off: it executes code.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class FewShotExample(Section):
+    question: str
+    answer: str
+
+
+class PromptConfig(Section):
+    instruction: str = Field(DEFAULT_INSTRUCTION, description="System message; asks for the answer in \\boxed{}.")
+    few_shot: list[FewShotExample] = Field(
+        default_factory=lambda: [
+            FewShotExample(
+                question="Mia has 4 boxes with 6 crayons in each box. She gives away 5 crayons. "
+                "How many crayons does she have left?",
+                answer="Mia has 4 * 6 = 24 crayons. After giving away 5 she has 24 - 5 = 19. "
+                "The answer is \\boxed{19}.",
+            )
+        ],
+        description="Worked examples shown as prior chat turns (user question, assistant answer).",
+    )
+
+
+class DataConfig(Section):
+    train: str = Field(
+        "synthetic:24:1",
+        description="Training questions (labels never used): a .jsonl path, 'synthetic:N[:SEED]' or 'hf:NAME[:CONFIG]'.",
+    )
+    eval: str = Field("synthetic:128:2", description="Held-out evaluation problems with gold answers.")
+    train_split: str = Field("train", description="Split for hf: sources.")
+    eval_split: str = Field("test", description="Split for hf: sources.")
+    train_limit: int | None = Field(None, gt=0, description="Seeded subset of the training set.")
+    eval_limit: int | None = Field(None, gt=0, description="Seeded subset of the eval set.")
+    subset_seed: int = Field(0, description="Seed of the subsets above.")
+    eval_templates: list[str] | None = Field(
+        None, description="Synthetic eval set: templates to draw from (None = all)."
+    )
+    train_templates: list[str] | None = Field(
+        None, description="Synthetic train set: templates to draw from (None = all)."
+    )
+
+
+class SamplingConfig(Section):
+    """Samples come from the model's own tempered distribution: no top-k, top-p or penalties,
+    as the objective assumes (sum_y p(y)^2 is over the model's distribution)."""
+
+    k: int = Field(16, ge=1, description="Samples per question (paper: 16).")
+    temperature: float = Field(0.5, gt=0.0, description="Sampling temperature (paper: 0.5).")
+    max_new_tokens: int = Field(128, gt=0, description="Completion budget (paper: 3072 on 8xA100).")
+    questions_per_batch: int = Field(1, ge=1, description="Questions sampled together in one generate call.")
+
+
+class TrainConfig(Section):
+    objective: Literal["rlsc", "confidence_reward", "majority_vote", "entropy"] = Field(
+        "rlsc", description="rlsc = the paper's L1/L2; the others are the peer signals."
+    )
+    alpha: float = Field(
+        0.1, ge=0.0, description="rlsc: L2 smoothing (0 = L1). confidence_reward: format bonus weight."
+    )
+    weighting: Literal["sequence", "token_mean", "normalized"] = Field(
+        "sequence",
+        description="rlsc weights: 'sequence' = p_old(y) (the paper); 'token_mean' = geometric mean "
+        "per token; 'normalized' = p_old(y) / sum over the k samples. Only 'sequence' is the paper's.",
+    )
+    lr: float = Field(1e-4, gt=0.0, description="AdamW lr (paper: 1e-5 full FT; LoRA needs about 10x).")
+    weight_decay: float = Field(0.01, ge=0.0)
+    betas: tuple[float, float] = Field((0.9, 0.999))
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping (paper setup: 1.0).")
+    steps: int = Field(10, ge=1, description="Optimizer steps (paper: 10 or 20).")
+    questions_per_step: int = Field(1, ge=1, description="Questions accumulated into one optimizer step.")
+    micro_batch: int = Field(4, ge=1, description="Sequences per forward/backward (memory knob only).")
+    refresh_every: int = Field(1, ge=1, description="Refresh the old (sampling) policy every N steps.")
+    checkpoint_every: int = Field(5, ge=1, description="Write a resumable checkpoint every N steps.")
+    max_nonfinite_steps: int = Field(3, ge=1, description="Abort after this many non-finite losses in a row.")
+    seed: int = Field(0)
+
+
+class EvalConfig(Section):
+    greedy: bool = Field(True, description="Greedy pass@1, the headline number.")
+    k: int = Field(0, ge=0, description="Extra samples per problem for maj@k and pass@k (0 = none).")
+    temperature: float = Field(0.5, gt=0.0, description="Temperature of the extra samples.")
+    max_new_tokens: int = Field(128, gt=0)
+    batch_size: int = Field(32, ge=1, description="Problems per greedy generate call.")
+    bootstrap_samples: int = Field(10000, ge=100, description="Resamples for paired-bootstrap intervals.")
+    seed: int = Field(0)
+
+
+class PathsConfig(Section):
+    work_dir: str = Field("outputs", description="Where runs write data, checkpoints, metrics and reports.")
+    cache_dir: str | None = Field(None, description="Model cache (default $RLSC_CACHE or ~/.cache/rlsc).")
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+
+    def flat(self) -> dict[str, Any]:
+        """The config as {'section.key': value}, for MLflow params and run reports."""
+        return _flatten(self.model_dump())
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-5' -> (['train', 'lr'], 1e-5); the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise RlscError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if len(path) < 2:
+        raise RlscError(f"--set {item!r}: the key must name a section and a field, e.g. train.lr")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def _apply(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RlscError(f"--set {'.'.join(path)}: {part!r} is not a section")
+    node[path[-1]] = value
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then each `section.key=value` override, validated once."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise RlscError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise RlscError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise RlscError(f"config file {path}: expected a mapping of sections at the top level")
+    for item in overrides:
+        key_path, value = parse_override(item)
+        _apply(tree, key_path, value)
+        source += f" + --set {item}"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise RlscError(_describe(e, source)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The config as YAML in the shape of params.yaml."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

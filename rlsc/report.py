@@ -1,0 +1,97 @@
+"""What a user looks at: training-curve and eval plots (PNG) and a before/after table (markdown)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+TRAINING_PANELS = (
+    ("loss", "loss"),
+    ("weights/mean", "p_old(y) mean"),
+    ("confidence/token_prob", "token confidence"),
+    ("entropy", "token entropy"),
+    ("completions/mean_length", "completion length"),
+    ("answers/distinct", "distinct answers / question"),
+    ("agreement/majority", "majority agreement"),
+    ("grad_norm", "grad norm (pre-clip)"),
+)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen here, and none needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training(metrics_path: str | Path, out_png: str | Path) -> Path:
+    """One small panel per per-step metric, against the step."""
+    plt = _pyplot()
+    rows = read_metrics(metrics_path)
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
+    for ax, (key, title) in zip(axes.flat, TRAINING_PANELS):
+        ax.plot(steps, [r.get(key, float("nan")) for r in rows], marker="o", markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle("RLSC training (label-free signals)")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def plot_eval(before: dict, after: dict, out_png: str | Path) -> Path:
+    """Accuracy before and after training, with 95% intervals as error bars."""
+    plt = _pyplot()
+    keys = [k for k in before if isinstance(before[k], dict) and "ci_low" in before[k] and k in after]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(keys), 4))
+    width = 0.38
+    for offset, (label, m) in zip((-width / 2, width / 2), (("base", before), ("trained", after))):
+        values = [m[k]["value"] for k in keys]
+        errors = [[v - m[k]["ci_low"] for k, v in zip(keys, values)], [m[k]["ci_high"] - v for k, v in zip(keys, values)]]
+        ax.bar([i + offset for i in range(len(keys))], values, width, yerr=errors, capsize=4, label=label)
+    ax.set_xticks(range(len(keys)), keys)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"accuracy (n = {before.get('n')})")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def _fmt_acc(m: dict) -> str:
+    return f"{100 * m['value']:.1f}% [{100 * m['ci_low']:.1f}, {100 * m['ci_high']:.1f}]"
+
+
+def before_after_table(before: dict, after: dict, paired: dict | None) -> str:
+    """Markdown table: accuracies with intervals, the paired difference, confidence and length."""
+    lines = ["| metric | base | trained |", "|---|---|---|"]
+    for key in before:
+        if isinstance(before[key], dict) and "ci_low" in before[key] and key in after:
+            c_b, c_a = before[key].get("correct"), after[key].get("correct")
+            counts = f" ({c_b}/{before['n']} → {c_a}/{after['n']})" if c_b is not None else ""
+            lines.append(f"| {key}{counts} | {_fmt_acc(before[key])} | {_fmt_acc(after[key])} |")
+    for key, label in (("mean_confidence", "mean confidence"), ("mean_length", "mean length (tokens)"),
+                       ("truncated_share", "truncated share")):
+        lines.append(f"| {label} | {before[key]:.3f} | {after[key]:.3f} |")
+    if paired:
+        lines.append(
+            f"| paired difference (trained − base), 95% bootstrap | | {100 * paired['difference']:+.1f} pts "
+            f"[{100 * paired['ci_low']:+.1f}, {100 * paired['ci_high']:+.1f}] "
+            f"({paired['b_only_correct']} gained, {paired['a_only_correct']} lost) |"
+        )
+    return "\n".join(lines)

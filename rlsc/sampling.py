@@ -1,0 +1,213 @@
+"""The sampling seam: prompts in, Rollouts out. vLLM (on a GPU) can slot in behind `generate_rollouts`.
+
+A small decoding loop of our own over the model's KV cache, instead of `model.generate`, because
+the work that dominates on CPU is avoidable there:
+- the prompt prefix shared by every prompt (system line and few-shot turns) is prefilled once, and
+  each prompt once for its k samples, by expanding the cache instead of recomputing it;
+- a sequence that has ended leaves the batch, so nobody pays for padding after EOS;
+- every statistic is recorded from the very distribution each token was drawn from, softmax of
+  logits / T with no top-k, top-p or penalty, so the recorded log-probs are exactly log p_old:
+  no second forward pass is needed for the RLSC weights.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rlsc import confidence as conf
+
+
+@dataclass
+class Rollouts:
+    """k completions for each of Q prompts; row q*k + j is sample j of prompt q. Shapes: N = Q*k."""
+
+    k: int
+    temperature: float
+    prompt_ids: torch.Tensor  # [N, P] left-padded
+    prompt_mask: torch.Tensor  # [N, P]
+    completion_ids: torch.Tensor  # [N, C] right-padded
+    completion_mask: torch.Tensor  # [N, C] 1 for completion tokens (EOS included)
+    stopped: torch.Tensor  # [N] bool: ended with EOS (else truncated at max_new_tokens)
+    token_logprobs: torch.Tensor  # [N, C] log p_T(sampled token), 0 at padding
+    token_entropy: torch.Tensor  # [N, C]
+    token_max_prob: torch.Tensor  # [N, C]
+    token_self_certainty: torch.Tensor  # [N, C]
+    token_agreement: torch.Tensor  # [Q] mean over positions of sum_v pbar(v)^2 across the k samples
+    texts: list[str]
+    seconds: float = 0.0
+
+    @property
+    def num_prompts(self) -> int:
+        return self.prompt_ids.shape[0] // self.k
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+    @property
+    def seq_logprobs(self) -> torch.Tensor:
+        """log p_old(y|x) of each sample, summed over its completion tokens."""
+        return conf.sequence_logprob(self.token_logprobs, self.completion_mask)
+
+    def rows(self, q: int) -> slice:
+        return slice(q * self.k, (q + 1) * self.k)
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_ids: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [N, C] covering tokens up to and including the first EOS, stopped [N] bool)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(sorted(eos_ids), device=completion_ids.device))
+    stopped = is_eos.any(-1)
+    first_eos = torch.where(stopped, is_eos.int().argmax(-1), completion_ids.shape[1] - 1)
+    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
+    return (positions[None, :] <= first_eos[:, None]).long(), stopped
+
+
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """Length of the longest common prefix, leaving every sequence at least one token of its own."""
+    limit = min(len(s) for s in sequences) - 1
+    n = 0
+    while n < limit and all(s[n] == sequences[0][n] for s in sequences):
+        n += 1
+    return n
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+    return ids, mask
+
+
+def forward_with_cache(model, input_ids, attention_mask, cache):
+    """Logits of the last position, extending `cache`; positions skip every masked column."""
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
+                use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1, :].float()
+
+
+def prefill(model, prompt_tokens: list[list[int]], pad_id: int, device):
+    """(next-token logits [Q, V], cache, attention mask) after reading every prompt once.
+
+    The common prefix goes through the model once; each prompt's remainder is then read against
+    copies of that cache, left-padded *after* the prefix (masked columns in the middle are fine:
+    positions come from the mask, so they match an unpadded forward).
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    shared = common_prefix_length(prompt_tokens) if len(prompt_tokens) > 1 else len(prompt_tokens[0]) - 1
+    prefix_mask = torch.ones(1, shared, dtype=torch.long, device=device)
+    if shared:
+        forward_with_cache(model, torch.tensor([prompt_tokens[0][:shared]], device=device), prefix_mask, cache)
+        cache.batch_repeat_interleave(len(prompt_tokens))
+    ids, mask = left_pad([t[shared:] for t in prompt_tokens], pad_id)
+    mask = torch.cat([prefix_mask.expand(len(prompt_tokens), -1), mask.to(device)], dim=1)
+    logits = forward_with_cache(model, ids.to(device), mask, cache)
+    return logits, cache, mask
+
+
+class StepRecorder:
+    """Per-position statistics, scattered into [N, C] tables by each active row's original index."""
+
+    def __init__(self, n: int, n_prompts: int, k: int, width: int, pad_id: int):
+        self.k = k
+        self.tokens = torch.full((n, width), pad_id, dtype=torch.long)
+        self.tables = {name: torch.zeros(n, width) for name in
+                       ("token_logprobs", "token_entropy", "token_max_prob", "token_self_certainty")}
+        self.agreement = torch.full((n_prompts, width), float("nan"))
+
+    def record(self, t: int, rows: torch.Tensor, logp: torch.Tensor, chosen: torch.Tensor) -> None:
+        rows_cpu = rows.cpu()
+        self.tokens[rows_cpu, t] = chosen.cpu()
+        values = {
+            "token_logprobs": logp.gather(-1, chosen[:, None]).squeeze(-1),
+            "token_entropy": conf.token_entropy(logp),
+            "token_max_prob": conf.max_prob(logp),
+            "token_self_certainty": conf.self_certainty(logp),
+        }
+        for name, v in values.items():
+            self.tables[name][rows_cpu, t] = v.float().cpu()
+        groups = rows // self.k
+        probs = torch.zeros(self.agreement.shape[0], logp.shape[-1], device=logp.device)
+        probs.index_add_(0, groups, logp.exp())
+        counts = torch.bincount(groups, minlength=self.agreement.shape[0]).to(probs.dtype)
+        present = counts > 0
+        pbar = probs[present] / counts[present, None]
+        self.agreement[present.cpu(), t] = (pbar * pbar).sum(-1).cpu()
+
+
+@torch.no_grad()
+def generate_rollouts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    k: int,
+    temperature: float,
+    max_new_tokens: int,
+    greedy: bool = False,
+) -> Rollouts:
+    """Sample k completions per prompt at `temperature` (or one greedy completion, recorded at T=1)."""
+    if greedy and k != 1:
+        raise ValueError("greedy decoding gives one completion per prompt: use k=1")
+    temperature = 1.0 if greedy else temperature
+    device = next(model.parameters()).device
+    eos = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
+    pad_id = tokenizer.pad_token_id
+    prompt_tokens = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+
+    logits, cache, mask = prefill(model, prompt_tokens, pad_id, device)
+    if k > 1:
+        cache.batch_repeat_interleave(k)
+        logits, mask = logits.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
+    n = len(prompts) * k
+    recorder = StepRecorder(n, len(prompts), k, max_new_tokens, pad_id)
+    active = torch.arange(n, device=device)  # original row index of each row still decoding
+    for t in range(max_new_tokens):
+        logp = torch.log_softmax(logits / temperature, dim=-1)
+        chosen = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(-1)
+        recorder.record(t, active, logp, chosen)
+        running = ~torch.isin(chosen, eos)
+        if t == max_new_tokens - 1 or not running.any():
+            break
+        if not running.all():  # finished rows leave the batch and its cache
+            keep = running.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            active, chosen, mask = active[keep], chosen[keep], mask[keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = forward_with_cache(model, chosen[:, None], mask, cache)
+
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+    completion_ids = recorder.tokens
+    cmask, stopped = completion_mask(completion_ids, set(eos.tolist()))
+    completion_ids = torch.where(cmask.bool(), completion_ids, pad_id)
+    prompt_ids, prompt_mask = left_pad(prompt_tokens, pad_id)
+    return Rollouts(
+        k=k,
+        temperature=temperature,
+        prompt_ids=prompt_ids.repeat_interleave(k, dim=0),
+        prompt_mask=prompt_mask.repeat_interleave(k, dim=0),
+        completion_ids=completion_ids,
+        completion_mask=cmask,
+        stopped=stopped,
+        token_agreement=recorder.agreement.nanmean(dim=1),
+        texts=tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
+        seconds=seconds,
+        **{name: table * cmask for name, table in recorder.tables.items()},
+    )

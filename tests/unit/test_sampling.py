@@ -1,0 +1,131 @@
+"""Sampling records the distribution it drew from; scoring counts completion tokens only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlsc.sampling import completion_mask, generate_rollouts
+from rlsc.scoring import completion_token_logprobs
+
+
+def _prompts(tok):
+    return [
+        tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False,
+                                add_generation_prompt=True),
+        "[user]a much longer question that needs more padding<eos>[assistant]",
+    ]
+
+
+def test_rollouts_have_k_rows_per_prompt_and_consistent_masks(tiny_policy):
+    model, tok = tiny_policy
+    torch.manual_seed(0)
+    r = generate_rollouts(model, tok, _prompts(tok), k=3, temperature=0.8, max_new_tokens=10)
+    assert r.completion_ids.shape[0] == 6 and r.num_prompts == 2 and len(r.texts) == 6
+    for i in range(6):
+        n = int(r.lengths[i])
+        assert r.completion_mask[i, :n].all() and not r.completion_mask[i, n:].any()
+        eos_positions = (r.completion_ids[i, :n] == tok.eos_token_id).nonzero()
+        # stopped <=> the last counted token is the (first) EOS; else truncated at max_new_tokens
+        assert bool(r.stopped[i]) == (len(eos_positions) == 1 and int(eos_positions[0]) == n - 1)
+        if not r.stopped[i]:
+            assert n == 10
+    assert (r.token_logprobs[r.completion_mask == 0] == 0).all()
+    assert (r.token_logprobs[r.completion_mask == 1] < 0).all()
+
+
+def test_completion_mask_stops_at_the_first_eos():
+    ids = torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8], [1, 0, 0, 0]])
+    mask, stopped = completion_mask(ids, {1})
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert stopped.tolist() == [True, False, True]
+
+
+def test_recorded_logprobs_equal_a_fresh_forward_at_the_temperature(tiny_policy):
+    """Samples come from softmax(logits / T) alone, even when the model's own generation config
+    asks for top-k, top-p and a repetition penalty (as Qwen's does); the shared-prefix prefill and
+    the shrinking batch give the same numbers as a plain forward."""
+    model, tok = tiny_policy
+    model.generation_config.top_k = 3
+    model.generation_config.top_p = 0.5
+    model.generation_config.repetition_penalty = 1.5
+    model.generation_config.temperature = 0.3
+    torch.manual_seed(1)
+    r = generate_rollouts(model, tok, _prompts(tok), k=4, temperature=0.7, max_new_tokens=12)
+    logp, _ = completion_token_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, 0.7)
+    assert torch.allclose(logp.detach(), r.token_logprobs, atol=1e-4)
+    # with top_k 3 in force, at most 3 distinct first tokens could appear across many samples
+    r = generate_rollouts(model, tok, _prompts(tok)[:1], k=64, temperature=1.0, max_new_tokens=1)
+    assert len(set(r.completion_ids[:, 0].tolist())) > 3
+
+
+def test_scoring_matches_an_unpadded_single_sequence_forward(tiny_policy):
+    """Prompt padding, prompt tokens and completion padding contribute nothing to the scores."""
+    model, tok = tiny_policy
+    torch.manual_seed(2)
+    r = generate_rollouts(model, tok, _prompts(tok), k=2, temperature=1.0, max_new_tokens=8)
+    batched, _ = completion_token_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids,
+                                           r.completion_mask, 1.0)
+    for i in range(4):
+        prompt = r.prompt_ids[i][r.prompt_mask[i].bool()]
+        n = int(r.lengths[i])
+        completion = r.completion_ids[i, :n]
+        with torch.no_grad():
+            logits = model(torch.cat([prompt, completion])[None]).logits[0]
+        logp = torch.log_softmax(logits[len(prompt) - 1 : -1].float(), -1).gather(-1, completion[:, None])
+        assert torch.allclose(batched[i, :n].detach(), logp.squeeze(-1), atol=1e-5)
+        assert (batched[i, n:] == 0).all()
+
+
+def test_padding_content_changes_neither_scores_nor_gradients(tiny_policy):
+    model, tok = tiny_policy
+    torch.manual_seed(3)
+    r = generate_rollouts(model, tok, _prompts(tok), k=2, temperature=1.0, max_new_tokens=8)
+
+    def grads(prompt_ids, completion_ids):
+        model.zero_grad()
+        logp, _ = completion_token_logprobs(model, prompt_ids, r.prompt_mask, completion_ids, r.completion_mask, 1.0)
+        logp.sum().backward()
+        return logp.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    base_logp, base_grad = grads(r.prompt_ids, r.completion_ids)
+    noisy_prompt = torch.where(r.prompt_mask.bool(), r.prompt_ids, torch.randint_like(r.prompt_ids, 3, 50))
+    noisy_completion = torch.where(r.completion_mask.bool(), r.completion_ids,
+                                   torch.randint_like(r.completion_ids, 3, 50))
+    logp, grad = grads(noisy_prompt, noisy_completion)
+    assert (r.prompt_mask == 0).any() and (r.completion_mask == 0).any()  # the test exercises padding
+    assert torch.allclose(logp, base_logp, atol=1e-5)
+    assert torch.allclose(grad, base_grad, atol=1e-5)
+
+
+def test_greedy_rollouts_are_deterministic_and_need_k_1(tiny_policy):
+    model, tok = tiny_policy
+    a = generate_rollouts(model, tok, _prompts(tok), k=1, temperature=1.0, max_new_tokens=6, greedy=True)
+    b = generate_rollouts(model, tok, _prompts(tok), k=1, temperature=1.0, max_new_tokens=6, greedy=True)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    # greedy picks the arg-max, so each token's probability is the max probability
+    assert torch.allclose(a.token_logprobs.exp() * a.completion_mask, a.token_max_prob, atol=1e-5)
+    with pytest.raises(ValueError):
+        generate_rollouts(model, tok, _prompts(tok), k=2, temperature=1.0, max_new_tokens=6, greedy=True)
+
+
+def test_shared_prompt_scoring_equals_full_scoring_with_gradients(tiny_policy):
+    """The k samples of one question score their prompt once; values and gradients are unchanged."""
+    from rlsc import scoring
+
+    model, tok = tiny_policy
+    torch.manual_seed(4)
+    r = generate_rollouts(model, tok, _prompts(tok)[1:], k=4, temperature=1.0, max_new_tokens=8)
+    assert scoring._shares_one_prompt(r.prompt_ids, r.prompt_mask)
+
+    def run(logits_fn):
+        model.zero_grad()
+        logits = logits_fn(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, r.completion_ids[..., None]).squeeze(-1)
+        (logp * r.completion_mask).sum().backward()
+        return logp.detach() * r.completion_mask, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    full_logp, full_grad = run(scoring._logits_full)
+    shared_logp, shared_grad = run(scoring._logits_shared_prompt)
+    assert torch.allclose(shared_logp, full_logp, atol=1e-5)
+    assert torch.allclose(shared_grad, full_grad, atol=1e-5)
