@@ -118,6 +118,15 @@ def prefill(model, prompt_tokens: list[list[int]], pad_id: int, device):
     return logits, cache, mask
 
 
+def sample_from(logp: torch.Tensor) -> torch.Tensor:
+    """One token per row drawn from exp(logp), by inverse CDF: one uniform per row, a float64
+    cumulative sum and a binary search (exact, and ~10x cheaper than torch.multinomial over a
+    151,936-token vocabulary on CPU)."""
+    cdf = logp.exp().double().cumsum(-1)
+    u = torch.rand(logp.shape[0], 1, dtype=torch.float64, device=logp.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=logp.shape[-1] - 1)
+
+
 class StepRecorder:
     """Per-position statistics, scattered into [N, C] tables by each active row's original index."""
 
@@ -180,7 +189,7 @@ def generate_rollouts(
     active = torch.arange(n, device=device)  # original row index of each row still decoding
     for t in range(max_new_tokens):
         logp = torch.log_softmax(logits / temperature, dim=-1)
-        chosen = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(-1)
+        chosen = logp.argmax(-1) if greedy else sample_from(logp)
         recorder.record(t, active, logp, chosen)
         running = ~torch.isin(chosen, eos)
         if t == max_new_tokens - 1 or not running.any():

@@ -81,6 +81,8 @@ def test_padding_content_changes_neither_scores_nor_gradients(tiny_policy):
     model, tok = tiny_policy
     torch.manual_seed(3)
     r = generate_rollouts(model, tok, _prompts(tok), k=2, temperature=1.0, max_new_tokens=8)
+    r.completion_mask[0, 3:] = 0  # make sure some completions are shorter than the batch
+    r.completion_mask[3, 5:] = 0
 
     def grads(prompt_ids, completion_ids):
         model.zero_grad()
@@ -129,3 +131,14 @@ def test_shared_prompt_scoring_equals_full_scoring_with_gradients(tiny_policy):
     shared_logp, shared_grad = run(scoring._logits_shared_prompt)
     assert torch.allclose(shared_logp, full_logp, atol=1e-5)
     assert torch.allclose(shared_grad, full_grad, atol=1e-5)
+
+
+def test_inverse_cdf_sampling_follows_the_distribution():
+    from rlsc.sampling import sample_from
+
+    torch.manual_seed(0)
+    p = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    logp = p.clamp(min=1e-30).log().expand(40000, -1)
+    counts = torch.bincount(sample_from(logp), minlength=4).float() / 40000
+    assert counts[1] == 0
+    assert torch.allclose(counts, p, atol=0.01)
