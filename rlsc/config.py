@@ -137,6 +137,31 @@ class EvalConfig(Section):
     seed: int = Field(0)
 
 
+class ChecksConfig(Section):
+    """Data contracts (Great Expectations suites) run before any training."""
+
+    min_question_chars: int = Field(10, ge=1, description="Shortest acceptable question text.")
+    max_question_chars: int = Field(4000, ge=1, description="Longest acceptable question text.")
+    allow_test_time_training: bool = Field(
+        False, description="Allow train and eval questions to overlap (the paper's test-time training); tagged."
+    )
+
+
+class RegistryConfig(Section):
+    """MLflow tracking and the model registry with its promotion gate."""
+
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite in <work_dir>/mlflow."
+    )
+    experiment: str = Field("rlsc", description="MLflow experiment name.")
+    model_name: str = Field("rlsc-policy", description="Registered model name.")
+    margin: float = Field(
+        0.0, description="Promote only if the lower bound of the paired-bootstrap 95% interval of "
+        "(candidate - champion) greedy accuracy is above this margin."
+    )
+    completions_logged: int = Field(64, ge=0, description="Sample completions logged as an MLflow table.")
+
+
 class PathsConfig(Section):
     work_dir: str = Field("outputs", description="Where runs write data, checkpoints, metrics and reports.")
     cache_dir: str | None = Field(None, description="Model cache (default $RLSC_CACHE or ~/.cache/rlsc).")
@@ -149,6 +174,8 @@ class Config(Section):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    checks: ChecksConfig = Field(default_factory=ChecksConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
 
     def flat(self) -> dict[str, Any]:
