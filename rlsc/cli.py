@@ -30,7 +30,7 @@ def cmd_fetch_model(args) -> int:
     cfg = _config(args)
     path = resolve_model_path(cfg.model, cfg.paths.cache_dir)
     if args.check:
-        model, tok = load_policy(cfg.model.model_copy(update={"lora": cfg.model.lora.model_copy(update={"enabled": False})}),
+        model, _ = load_policy(cfg.model.model_copy(update={"lora": cfg.model.lora.model_copy(update={"enabled": False})}),
                                  cfg.paths.cache_dir)
         n = sum(p.numel() for p in model.parameters())
         print(f"loaded {type(model).__name__} with {n / 1e6:.0f}M parameters", file=sys.stderr)
@@ -56,6 +56,18 @@ def cmd_train(args) -> int:
     print(f"trained {result.steps_done} steps ({result.skipped_steps} skipped) -> {result.final_dir}",
           file=sys.stderr)
     print(result.final_dir)
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from rlsc.stages import sample_and_score_stage, work_path
+
+    cfg = _config(args)
+    out = args.out or work_path(cfg, "rollouts", "samples.parquet")
+    summary = sample_and_score_stage(cfg, args.problems or work_path(cfg, "data", "train.jsonl"), out,
+                                     trained=args.trained)
+    print(json.dumps(summary, indent=2))
+    print(f"rollouts -> {out}", file=sys.stderr)
     return 0
 
 
@@ -138,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <work_dir>/train)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample-and-score: k samples per question -> rollouts Parquet")
+    _add_config_args(p)
+    p.add_argument("--problems", help="problem file (default: <work_dir>/data/train.jsonl)")
+    p.add_argument("--trained", help="a trained folder; default: the base model")
+    p.add_argument("--out", help="Parquet file (default: <work_dir>/rollouts/samples.parquet)")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="greedy pass@1 (and maj@k, pass@k with eval.k) on problems with gold")
     _add_config_args(p)

@@ -99,7 +99,9 @@ class SamplingConfig(Section):
     k: int = Field(16, ge=1, description="Samples per question (paper: 16).")
     temperature: float = Field(0.5, gt=0.0, description="Sampling temperature (paper: 0.5).")
     max_new_tokens: int = Field(128, gt=0, description="Completion budget (paper: 3072 on 8xA100).")
-    questions_per_batch: int = Field(1, ge=1, description="Questions sampled together in one generate call.")
+    questions_per_batch: int = Field(
+        2, ge=1, description="Questions sampled together in one call (their k samples share one batch)."
+    )
 
 
 class TrainConfig(Section):
@@ -121,7 +123,10 @@ class TrainConfig(Section):
     steps: int = Field(10, ge=1, description="Optimizer steps (paper: 10 or 20).")
     questions_per_step: int = Field(2, ge=1, description="Questions accumulated into one optimizer step.")
     micro_batch: int = Field(8, ge=1, description="Sequences per forward/backward (memory knob only).")
-    refresh_every: int = Field(1, ge=1, description="Refresh the old (sampling) policy every N steps.")
+    steps_per_round: int = Field(
+        1, ge=1, description="Optimizer steps per sampling round: the old (sampling) policy is refreshed "
+        "every this many steps. 1 is the paper's on-policy form."
+    )
     checkpoint_every: int = Field(5, ge=1, description="Write a resumable checkpoint every N steps.")
     max_nonfinite_steps: int = Field(3, ge=1, description="Abort after this many non-finite losses in a row.")
     seed: int = Field(0)

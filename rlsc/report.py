@@ -80,11 +80,11 @@ def _fmt_acc(m: dict) -> str:
 def before_after_table(before: dict, after: dict, paired: dict | None) -> str:
     """Markdown table: accuracies with intervals, the paired difference, confidence and length."""
     lines = ["| metric | base | trained |", "|---|---|---|"]
-    for key in before:
-        if isinstance(before[key], dict) and "ci_low" in before[key] and key in after:
-            c_b, c_a = before[key].get("correct"), after[key].get("correct")
+    for key, value in before.items():
+        if isinstance(value, dict) and "ci_low" in value and key in after:
+            c_b, c_a = value.get("correct"), after[key].get("correct")
             counts = f" ({c_b}/{before['n']} → {c_a}/{after['n']})" if c_b is not None else ""
-            lines.append(f"| {key}{counts} | {_fmt_acc(before[key])} | {_fmt_acc(after[key])} |")
+            lines.append(f"| {key}{counts} | {_fmt_acc(value)} | {_fmt_acc(after[key])} |")
     for key, label in (("mean_confidence", "mean confidence"), ("mean_length", "mean length (tokens)"),
                        ("truncated_share", "truncated share")):
         lines.append(f"| {label} | {before[key]:.3f} | {after[key]:.3f} |")

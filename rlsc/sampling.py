@@ -220,3 +220,101 @@ def generate_rollouts(
         seconds=seconds,
         **{name: table * cmask for name, table in recorder.tables.items()},
     )
+
+
+# ---------------------------------------------------------------- rollouts as a file (one row per sample)
+
+ROLLOUT_COLUMNS = (
+    "slot", "question_id", "sample", "prompt", "completion", "extracted", "seq_logprob", "p_old", "token_confidence",
+    "entropy", "self_certainty", "agreement", "majority_share", "length", "stopped", "temperature",
+    "completion_ids", "token_logprobs", "token_entropy", "token_max_prob", "token_self_certainty",
+)
+_TOKEN_TABLES = ("token_logprobs", "token_entropy", "token_max_prob", "token_self_certainty")
+
+
+def select_prompts(rollouts: Rollouts, prompt_indices: list[int]) -> Rollouts:
+    """The rollouts of some prompts only (all k samples of each), in the given order."""
+    rows = torch.cat([torch.arange(q * rollouts.k, (q + 1) * rollouts.k) for q in prompt_indices])
+    tensors = {name: getattr(rollouts, name)[rows] for name in
+               ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "stopped", *_TOKEN_TABLES)}
+    return Rollouts(k=rollouts.k, temperature=rollouts.temperature,
+                    token_agreement=rollouts.token_agreement[prompt_indices],
+                    texts=[rollouts.texts[i] for i in rows.tolist()], seconds=rollouts.seconds, **tensors)
+
+
+def rollouts_frame(rollouts: Rollouts, question_ids: list[str], prompts: list[str], answers: list[str | None]):
+    """A pandas DataFrame with one row per sample: texts, per-sample confidence and token arrays."""
+    import pandas as pd
+
+    from rlsc.answers import canonical_answer
+
+    mask = rollouts.completion_mask
+    lengths = rollouts.lengths.tolist()
+    seq = rollouts.seq_logprobs.tolist()
+    confidence = conf.mean_token_prob(rollouts.token_logprobs, mask).tolist()
+    entropy = conf.masked_mean(rollouts.token_entropy, mask, dim=-1).tolist()
+    certainty = conf.masked_mean(rollouts.token_self_certainty, mask, dim=-1).tolist()
+    rows = []
+    for q, qid in enumerate(question_ids):
+        keys = [canonical_answer(a) for a in answers[rollouts.rows(q)]]
+        _, share = conf.majority_answer(keys)
+        for j in range(rollouts.k):
+            i = q * rollouts.k + j
+            n = lengths[i]
+            rows.append({
+                "slot": q, "question_id": qid, "sample": j, "prompt": prompts[q], "completion": rollouts.texts[i],
+                "extracted": answers[i], "seq_logprob": seq[i], "p_old": float(torch.tensor(seq[i]).exp()),
+                "token_confidence": confidence[i], "entropy": entropy[i], "self_certainty": certainty[i],
+                "agreement": float(rollouts.token_agreement[q]), "majority_share": share, "length": n,
+                "stopped": bool(rollouts.stopped[i]), "temperature": rollouts.temperature,
+                "completion_ids": rollouts.completion_ids[i, :n].tolist(),
+                **{name: getattr(rollouts, name)[i, :n].tolist() for name in _TOKEN_TABLES},
+            })
+    return pd.DataFrame(rows, columns=list(ROLLOUT_COLUMNS))
+
+
+def write_rollouts(path, frame) -> None:
+    """Parquet, atomically (temp file, then rename)."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+def rollouts_from_frame(frame, tokenizer) -> tuple[Rollouts, list[str], list[str | None]]:
+    """(Rollouts, question ids, extracted answers) rebuilt from a rollouts file's rows.
+
+    Completion ids and per-token values are stored, so nothing is re-tokenised but the prompt text
+    (tokenised exactly as the sampler did).
+    """
+    # a round may ask the same question twice, so prompts are keyed by their slot in the file
+    k = int(frame.groupby("slot", sort=False).size().iloc[0])
+    firsts = frame.groupby("slot", sort=True).first()
+    question_ids, prompts = firsts["question_id"].tolist(), firsts["prompt"].tolist()
+    prompt_ids, prompt_mask = left_pad(
+        [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], tokenizer.pad_token_id
+    )
+    width = max(1, int(frame["length"].max()))
+
+    def table(column, fill, dtype):
+        out = torch.full((len(frame), width), fill, dtype=dtype)
+        for i, values in enumerate(frame[column]):
+            out[i, : len(values)] = torch.tensor(list(values), dtype=dtype)
+        return out
+
+    lengths = torch.tensor(frame["length"].tolist())
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    rollouts = Rollouts(
+        k=k, temperature=float(frame["temperature"].iloc[0]),
+        prompt_ids=prompt_ids.repeat_interleave(k, dim=0), prompt_mask=prompt_mask.repeat_interleave(k, dim=0),
+        completion_ids=table("completion_ids", tokenizer.pad_token_id, torch.long), completion_mask=mask,
+        stopped=torch.tensor(frame["stopped"].tolist()),
+        token_agreement=torch.tensor(firsts["agreement"].tolist(), dtype=torch.float32),
+        texts=frame["completion"].tolist(),
+        **{name: table(name, 0.0, torch.float32) for name in _TOKEN_TABLES},
+    )
+    extracted = [a if isinstance(a, str) else None for a in frame["extracted"].tolist()]  # NaN/None -> None
+    return rollouts, question_ids, extracted

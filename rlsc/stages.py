@@ -69,6 +69,25 @@ def evaluate_stage(cfg: Config, problems_path: str | Path, out_dir: str | Path, 
     return metrics
 
 
+def sample_and_score_stage(cfg: Config, problems_path: str | Path, out_path: str | Path, *,
+                           trained: str | Path | None = None, model=None, tokenizer=None) -> dict[str, Any]:
+    """k samples per question from the current policy, one Parquet row per sample with its completion,
+    extracted answer, sequence log-prob, p_old, token confidence, entropy, self-certainty, agreement."""
+    from rlsc.answers import extract_answer
+    from rlsc.prompts import render_prompt
+    from rlsc.sampling import rollouts_frame, write_rollouts
+    from rlsc.trainer import rollout_metrics, sample_questions
+
+    problems = load_problems(problems_path)
+    if model is None:
+        model, tokenizer = load_model(cfg, trained)
+    prompts = [render_prompt(tokenizer, p.question, cfg.prompt) for p in problems]
+    rollouts = sample_questions(model, tokenizer, prompts, cfg)
+    answers = [extract_answer(t) for t in rollouts.texts]
+    write_rollouts(out_path, rollouts_frame(rollouts, [p.id for p in problems], prompts, answers))
+    return rollout_metrics(rollouts, answers)
+
+
 def train_stage(cfg: Config, train_path: str | Path, out_dir: str | Path, *, resume: bool = False,
                 model=None, tokenizer=None, progress: bool = True):
     """Train on the questions of a problem file; writes metrics.jsonl, checkpoints/ and final/."""
@@ -101,18 +120,83 @@ def report_stage(cfg: Config, before: dict, after: dict, paired: dict, training_
     plot_eval(before, after, out / "eval.png")
     write_json(out / "paired.json", paired)
     table = before_after_table(before, after, paired)
-    lines = [
-        "# RLSC run report", "",
-        f"model `{cfg.model.name}`, objective `{cfg.train.objective}` (alpha {cfg.train.alpha}, "
-        f"weighting {cfg.train.weighting}), k {cfg.sampling.k}, T {cfg.sampling.temperature}, "
-        f"{cfg.train.steps} steps at lr {cfg.train.lr}, {'LoRA r' + str(cfg.model.lora.r) if cfg.model.lora.enabled else 'full fine-tuning'}",
-        "", table, "", "![eval](eval.png)",
-    ]
+    tuning = f"LoRA r{cfg.model.lora.r}" if cfg.model.lora.enabled else "full fine-tuning"
+    setup = (f"model `{cfg.model.name}`, objective `{cfg.train.objective}` (alpha {cfg.train.alpha}, "
+             f"weighting {cfg.train.weighting}), k {cfg.sampling.k}, T {cfg.sampling.temperature}, "
+             f"{cfg.train.steps} steps at lr {cfg.train.lr}, {tuning}")
+    lines = ["# RLSC run report", "", setup, "", table, "", "![eval](eval.png)"]
     if training_png is not None:
         lines += ["", f"![training]({Path('..') / training_png.relative_to(work_path(cfg))})"]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def report_from_files(cfg: Config) -> Path:
+    """The before/after report from the files of the evaluate and train stages."""
+    import json
+
+    before = json.loads(work_path(cfg, "eval", "base", "metrics.json").read_text())
+    after = json.loads(work_path(cfg, "eval", "trained", "metrics.json").read_text())
+    paired = compare_stage(work_path(cfg, "eval", "base"), work_path(cfg, "eval", "trained"), cfg)
+    training_png = work_path(cfg, "train", "training.png")
+    return report_stage(cfg, before, after, paired, training_png if training_png.is_file() else None)
+
+
+def check_data_stage(cfg: Config, train_path: str | Path, eval_path: str | Path) -> Path:
+    """Run the data contracts; raises DataCheckError (nothing trained) if any fails."""
+    from rlsc.checks import run_data_checks
+
+    out = work_path(cfg, "checks")
+    run_data_checks(Path(train_path), Path(eval_path), cfg.checks, out)
+    return out / "data_checks.json"
+
+
+def check_rollouts_stage(cfg: Config, rollouts_path: str | Path) -> None:
+    """Run the rollouts contract on a sample-and-score file; raises DataCheckError if it fails."""
+    from rlsc.checks import DataCheckError, validate_rollouts_file
+
+    report = validate_rollouts_file(Path(rollouts_path), cfg.sampling.k)
+    if not report.success:
+        raise DataCheckError(f"rollouts {rollouts_path} failed their contract:\n{report.to_markdown()}")
+
+
+def register_stage(cfg: Config) -> dict[str, Any]:
+    """Log the run to MLflow (config, lineage, per-step and eval metrics, completions, plots, model)
+    and register the trained model behind the promotion gate; writes registry/decision.json."""
+    import dataclasses as dc
+
+    from rlsc import tracking
+    from rlsc.evaluate import read_records, write_json
+    from rlsc.models import resolve_model_path
+
+    data = [work_path(cfg, "data", "train.jsonl"), work_path(cfg, "data", "eval.jsonl")]
+    train_q = [p.question for p in load_problems(data[0])]
+    eval_q = [p.question for p in load_problems(data[1])]
+    tags = tracking.lineage_tags(Path.cwd(), data, train_q, eval_q, cfg.checks.allow_test_time_training)
+    records = {label: read_records(work_path(cfg, "eval", label, "problems.jsonl")) for label in ("base", "trained")}
+    with tracking.start_run(cfg, "retrain", tags) as run:
+        tracking.log_training(work_path(cfg, "train", "metrics.jsonl"))
+        for label, recs in records.items():
+            metrics = _read_json(work_path(cfg, "eval", label, "metrics.json"))
+            tracking.log_evaluation(metrics, label, recs, cfg.registry.completions_logged)
+        report = work_path(cfg, "report")
+        if report.is_dir():
+            import mlflow
+
+            mlflow.log_artifacts(str(report), artifact_path="report")
+        uri = tracking.log_model(work_path(cfg, "train", "final"), resolve_model_path(cfg.model, cfg.paths.cache_dir),
+                                 eval_q[:2])
+        decision = tracking.register_and_gate(cfg, run.info.run_id, uri, records["trained"], records["base"])
+    result = dc.asdict(decision)
+    write_json(work_path(cfg, "registry", "decision.json"), result)
+    return result
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text())
 
 
 def run_all(cfg: Config, progress: bool = True) -> tuple[Path, str]:
@@ -122,13 +206,11 @@ def run_all(cfg: Config, progress: bool = True) -> tuple[Path, str]:
     model, tokenizer = load_model(cfg)
     base = evaluate_stage(cfg, eval_path, work_path(cfg, "eval", "base"), model=model, tokenizer=tokenizer,
                           progress=progress)
-    result = train_stage(cfg, train_path, work_path(cfg, "train"), model=model, tokenizer=tokenizer,
-                         progress=progress)
+    train_stage(cfg, train_path, work_path(cfg, "train"), model=model, tokenizer=tokenizer, progress=progress)
     trained = evaluate_stage(cfg, eval_path, work_path(cfg, "eval", "trained"), model=model,
                              tokenizer=tokenizer, progress=progress)
-    trained["model"] = str(result.final_dir)
-    paired = compare_stage(work_path(cfg, "eval", "base"), work_path(cfg, "eval", "trained"), cfg)
-    report = report_stage(cfg, base, trained, paired, result.output_dir / "training.png")
+    report = report_from_files(cfg)
+    paired = _read_json(work_path(cfg, "report", "paired.json"))
     from rlsc.report import before_after_table
 
     return report, before_after_table(base, trained, paired)

@@ -1,9 +1,12 @@
 """The RLSC training loop, readable top to bottom.
 
-Each step: pick questions, sample k completions each from the old policy (with their p_old
-recorded while sampling), turn the samples into per-sample coefficients (the objective), then
-forward/backward in micro-batches, clip, and take one AdamW step. Checkpoints carry the trainable
-weights, the optimizer, the old policy and the RNG state, so `resume` continues bit-for-bit on CPU.
+Training runs in rounds. A round samples k completions for each question of its steps from the
+current policy, which is the old policy p_old for the whole round (p_old recorded while sampling),
+and writes them to rollouts/round-NNNNNN.parquet. Each step of the round turns its questions'
+samples into per-sample coefficients (the objective), runs forward/backward in micro-batches,
+clips, and takes one AdamW step. One step per round is the paper's on-policy form.
+Checkpoints carry the trainable weights, the optimizer and the RNG state; with the round's
+rollouts file they let `resume` continue bit-for-bit on CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import math
 import random
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,14 @@ from rlsc.errors import RlscError
 from rlsc.objectives import entropy_loss, policy_gradient_loss, sample_coefficients
 from rlsc.problems import Problem
 from rlsc.prompts import render_prompt
-from rlsc.sampling import Rollouts, generate_rollouts
+from rlsc.sampling import (
+    Rollouts,
+    generate_rollouts,
+    rollouts_frame,
+    rollouts_from_frame,
+    select_prompts,
+    write_rollouts,
+)
 from rlsc.scoring import completion_token_logprobs
 
 log = logging.getLogger(__name__)
@@ -52,37 +61,6 @@ def questions_for_step(step: int, n_questions: int, per_step: int, seed: int) ->
     return indices
 
 
-# ---------------------------------------------------------------- the old (sampling) policy
-
-
-class OldPolicy:
-    """A frozen copy of the trainable weights, swapped in (not copied) while sampling.
-
-    Only needed when the old policy is refreshed less often than every step; with refresh_every 1
-    the sampling policy is the current one and nothing is stored.
-    """
-
-    def __init__(self, params: dict[str, torch.nn.Parameter]):
-        self.params = params
-        self.saved = {name: p.detach().clone() for name, p in params.items()}
-
-    def refresh(self) -> None:
-        for name, p in self.params.items():
-            self.saved[name].copy_(p.detach())
-
-    @contextmanager
-    def active(self):
-        self._swap()
-        try:
-            yield
-        finally:
-            self._swap()
-
-    def _swap(self) -> None:
-        for name, p in self.params.items():
-            p.data, self.saved[name] = self.saved[name], p.data
-
-
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -90,7 +68,7 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(folder: Path, step: int, model, optimizer, old: OldPolicy | None, counters: dict) -> Path:
+def save_checkpoint(folder: Path, step: int, model, optimizer, counters: dict) -> Path:
     """Write checkpoint `step` atomically: a temp folder renamed into place once complete."""
     target = folder / f"step-{step:06d}"
     tmp = folder / f".step-{step:06d}.tmp"
@@ -99,8 +77,6 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, old: OldPolicy | 
     tmp.mkdir(parents=True)
     weights = {n: p.detach().contiguous() for n, p in trainable_parameters(model).items()}
     save_file(weights, tmp / "trainable.safetensors")
-    if old is not None:
-        save_file({n: t.contiguous() for n, t in old.saved.items()}, tmp / "old_policy.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
     state = {"step": step, "python_random": _jsonable_random_state(), **counters}
@@ -121,7 +97,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model, optimizer, old: OldPolicy | None) -> dict:
+def load_checkpoint(path: Path, model, optimizer) -> dict:
     weights = load_file(path / "trainable.safetensors")
     params = trainable_parameters(model)
     if set(weights) != set(params):
@@ -129,9 +105,6 @@ def load_checkpoint(path: Path, model, optimizer, old: OldPolicy | None) -> dict
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name])
-    if old is not None:
-        for name, t in load_file(path / "old_policy.safetensors").items():
-            old.saved[name].copy_(t)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     torch.set_rng_state(load_file(path / "rng.safetensors")["torch"])
     state = json.loads((path / "state.json").read_text())
@@ -181,6 +154,33 @@ def sample_questions(model, tokenizer, prompts: list[str], cfg: Config) -> Rollo
     return parts[0] if len(parts) == 1 else concat_rollouts(parts, tokenizer.pad_token_id)
 
 
+def round_question_indices(round_index: int, n_questions: int, train: TrainConfig) -> list[int]:
+    """The questions of every step of one round, in step order."""
+    first = round_index * train.steps_per_round
+    return [i for step in range(first, first + train.steps_per_round)
+            for i in questions_for_step(step, n_questions, train.questions_per_step, train.seed)]
+
+
+def sample_round(policy, tokenizer, cfg: Config, round_index: int, ids: list[str], prompts: list[str],
+                 folder: Path, reuse: bool) -> tuple[Rollouts, list[str | None]]:
+    """Sample (and score) the questions of one round with the current policy, the round's p_old.
+
+    The samples are written to folder/round-NNNNNN.parquet; a resumed run reads them back instead
+    of sampling again, so it trains on exactly the samples the interrupted run drew.
+    """
+    path = folder / f"round-{round_index:06d}.parquet"
+    if reuse and path.is_file():
+        import pandas as pd
+
+        rollouts, _, answers = rollouts_from_frame(pd.read_parquet(path), tokenizer)
+        return rollouts, answers
+    chosen = round_question_indices(round_index, len(prompts), cfg.train)
+    rollouts = sample_questions(policy, tokenizer, [prompts[i] for i in chosen], cfg)
+    answers = [extract_answer(text) for text in rollouts.texts]
+    write_rollouts(path, rollouts_frame(rollouts, [ids[i] for i in chosen], [prompts[i] for i in chosen], answers))
+    return rollouts, answers
+
+
 def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
     """Stack rollouts of separate generate calls (pads prompts on the left, completions on the right)."""
     def pad(tensors, value, left):
@@ -205,7 +205,7 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
     )
 
 
-def trimmed(rollouts: Rollouts, rows: slice) -> dict[str, torch.Tensor]:
+def trimmed(rollouts: Rollouts, rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """The rows of a micro-batch, without columns that are padding in every one of them."""
     prompt_mask = rollouts.prompt_mask[rows]
     completion_mask = rollouts.completion_mask[rows]
@@ -240,18 +240,19 @@ def backward_on_rollouts(model, rollouts: Rollouts, answers, cfg: Config, backwa
     total = 0.0
     for q in range(rollouts.num_prompts):
         coefficients = question_coefficients(rollouts, q, answers, train)
-        question_tokens = int(rollouts.lengths[rollouts.rows(q)].sum())
-        start = q * rollouts.k
-        for mb in range(start, start + rollouts.k, train.micro_batch):
-            rows = slice(mb, min(mb + train.micro_batch, start + rollouts.k))
+        lengths = rollouts.lengths[rollouts.rows(q)]
+        # shortest first, so each micro-batch is trimmed to similar lengths (the loss is a sum over samples)
+        order = torch.argsort(lengths, stable=True)
+        for chunk in torch.split(order, train.micro_batch):
+            rows = q * rollouts.k + chunk
             batch = trimmed(rollouts, rows)
             token_logp, entropy = completion_token_logprobs(
                 model, **batch, temperature=rollouts.temperature, with_entropy=coefficients is None
             )
             if coefficients is None:
-                loss = entropy_loss(entropy, batch["completion_mask"], total_tokens=question_tokens)
+                loss = entropy_loss(entropy, batch["completion_mask"], total_tokens=int(lengths.sum()))
             else:
-                loss = policy_gradient_loss(token_logp.sum(-1), coefficients[rows.start - start : rows.stop - start])
+                loss = policy_gradient_loss(token_logp.sum(-1), coefficients[chunk])
             loss = loss / rollouts.num_prompts
             if not torch.isfinite(loss):
                 return float("nan")
@@ -331,29 +332,35 @@ def train(
     optimizer = torch.optim.AdamW(params.values(), lr=t.lr, weight_decay=t.weight_decay, betas=t.betas)
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)
-    old = OldPolicy(trainable_parameters(policy)) if t.refresh_every > 1 else None
     prompts = [render_prompt(tokenizer, p.question, cfg.prompt) for p in problems]
+    ids = [p.id for p in problems]
 
     start_step, counters = 0, {"skipped_steps": 0, "nonfinite_streak": 0}
     last = latest_checkpoint(checkpoints) if resume else None
     if resume and last is None:
         log.warning("--resume: no checkpoint in %s, starting from step 0", checkpoints)
     if last is not None:
-        state = load_checkpoint(last, policy, optimizer, old)
+        state = load_checkpoint(last, policy, optimizer)
         start_step = state.pop("step") + 1
         counters = {k: state[k] for k in counters}
     metrics = MetricsLog(output_dir / "metrics.jsonl", keep_before_step=start_step)
 
     bar = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc="rlsc train",
                disable=not progress, dynamic_ncols=True)
+    round_rollouts = None
     for step in bar:
         step_start = time.perf_counter()
-        if old is not None and step % t.refresh_every == 0:
-            old.refresh()
-        batch_prompts = [prompts[i] for i in questions_for_step(step, len(prompts), t.questions_per_step, t.seed)]
-        with old.active() if old is not None else nullcontext():
-            rollouts = sample_questions(policy, tokenizer, batch_prompts, cfg)
-        answers = [extract_answer(text) for text in rollouts.texts]
+        round_index, offset = divmod(step, t.steps_per_round)
+        sample_seconds = 0.0
+        if round_rollouts is None or offset == 0:
+            round_rollouts, round_answers = sample_round(
+                policy, tokenizer, cfg, round_index, ids, prompts, output_dir / "rollouts", reuse=resume
+            )
+            sample_seconds = time.perf_counter() - step_start
+        q = t.questions_per_step
+        mine = list(range(offset * q, (offset + 1) * q))
+        rollouts = select_prompts(round_rollouts, mine)
+        answers = [a for i in mine for a in round_answers[i * rollouts.k : (i + 1) * rollouts.k]]
 
         update_start = time.perf_counter()
         model.train()
@@ -370,9 +377,9 @@ def train(
         model.eval()
         now = time.perf_counter()
 
-        record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": t.lr,
+        record = {"step": step, "round": round_index, "loss": loss, "grad_norm": grad_norm, "lr": t.lr,
                   **rollout_metrics(rollouts, answers),
-                  "skipped_steps": counters["skipped_steps"], "time/sample": rollouts.seconds,
+                  "skipped_steps": counters["skipped_steps"], "time/sample": sample_seconds,
                   "time/update": now - update_start, "time/step": now - step_start}
         record["tokens_per_s"] = record["completions/tokens"] / record["time/step"]
         metrics.write(record)
@@ -386,7 +393,7 @@ def train(
                     f"(try a lower train.lr or model.dtype=float32); metrics in {metrics.path}"
                 )
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
-            save_checkpoint(checkpoints, step, policy, optimizer, old, counters)
+            save_checkpoint(checkpoints, step, policy, optimizer, counters)
             prune_checkpoints(checkpoints, keep=2)
 
     final_dir = save_trained(policy, tokenizer, output_dir / "final")

@@ -25,6 +25,10 @@ def test_train_then_evaluate_then_compare(tiny_model_dir, tmp_path, capsys):
     assert main(["prepare", *args, "--set", "data.train=synthetic:3:1", "--set", "data.eval=synthetic:6:2"]) == 0
     train_file, eval_file = tmp_path / "data" / "train.jsonl", tmp_path / "data" / "eval.jsonl"
     assert all(json.loads(line)["answer"] is None for line in train_file.read_text().splitlines())
+    assert main(["sample", *args, "--out", str(tmp_path / "samples.parquet")]) == 0
+    import pandas as pd
+
+    assert len(pd.read_parquet(tmp_path / "samples.parquet")) == 3 * 4
     assert main(["train", *args, "--problems", str(train_file)]) == 0
     final = tmp_path / "train" / "final"
     assert (final / "adapter_config.json").is_file() and (tmp_path / "train" / "training.png").is_file()
@@ -80,7 +84,8 @@ def test_bad_config_and_missing_model_are_one_clear_error(tmp_path, capsys):
     assert "q.jsonl:1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["fetch-model", "prepare", "train", "evaluate", "compare", "grade", "run"])
+@pytest.mark.parametrize("command", ["fetch-model", "prepare", "sample", "train", "evaluate", "compare", "grade",
+                                     "run"])
 def test_every_subcommand_has_help(command):
-    out = subprocess.run([sys.executable, "-m", "rlsc.cli", command, "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "rlsc.cli", command, "--help"], capture_output=True, text=True, check=False)
     assert out.returncode == 0 and "usage: rlsc" in out.stdout

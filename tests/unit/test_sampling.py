@@ -142,3 +142,27 @@ def test_inverse_cdf_sampling_follows_the_distribution():
     counts = torch.bincount(sample_from(logp), minlength=4).float() / 40000
     assert counts[1] == 0
     assert torch.allclose(counts, p, atol=0.01)
+
+
+def test_rollouts_round_trip_through_parquet(tiny_policy, tmp_path):
+    import pandas as pd
+
+    from rlsc.sampling import rollouts_frame, rollouts_from_frame, write_rollouts
+
+    model, tok = tiny_policy
+    torch.manual_seed(5)
+    prompts = _prompts(tok)
+    r = generate_rollouts(model, tok, prompts, k=3, temperature=0.9, max_new_tokens=6)
+    answers = [None, "1", "2", None, "3", "3"]
+    write_rollouts(tmp_path / "r.parquet", rollouts_frame(r, ["a", "b"], prompts, answers))
+    frame = pd.read_parquet(tmp_path / "r.parquet")
+    assert len(frame) == 6 and frame["p_old"].between(0, 1).all() and (frame["seq_logprob"] <= 0).all()
+    assert frame.loc[frame.question_id == "b", "majority_share"].iloc[0] == pytest.approx(2 / 3)
+    back, ids, extracted = rollouts_from_frame(frame, tok)
+    assert ids == ["a", "b"] and extracted == answers
+    width = r.completion_ids.shape[1]
+    for name in ("prompt_ids", "prompt_mask", "stopped", "token_agreement"):
+        assert torch.equal(getattr(back, name), getattr(r, name)), name
+    for name in ("completion_ids", "completion_mask", "token_logprobs", "token_entropy"):
+        assert torch.equal(getattr(back, name), getattr(r, name)[:, : back.completion_ids.shape[1]]), name
+        assert back.completion_ids.shape[1] <= width

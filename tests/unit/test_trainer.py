@@ -10,7 +10,7 @@ import torch
 from rlsc.config import load_config
 from rlsc.errors import RlscError
 from rlsc.problems import Problem
-from rlsc.trainer import OldPolicy, latest_checkpoint, questions_for_step, train
+from rlsc.trainer import latest_checkpoint, questions_for_step, train
 from tests.conftest import build_tiny_model, build_tiny_tokenizer
 
 TIMING = ("time/sample", "time/update", "time/step", "tokens_per_s")
@@ -46,9 +46,9 @@ def _metrics(path):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_resume_after_2_of_4_steps_gives_the_same_weights_and_metrics(tmp_path, lora):
-    cfg = _cfg(tmp_path, f"model.lora.enabled={str(lora).lower()}", "train.refresh_every=2")
+@pytest.mark.parametrize("lora,steps_per_round", [(False, 3), (True, 1)], ids=["full-mid-round", "lora-on-policy"])
+def test_resume_after_2_of_4_steps_gives_the_same_weights_and_metrics(tmp_path, lora, steps_per_round):
+    cfg = _cfg(tmp_path, f"model.lora.enabled={str(lora).lower()}", f"train.steps_per_round={steps_per_round}")
     model, tok = _fresh_policy(lora)
     straight = train(cfg, PROBLEMS, tmp_path / "straight", model=model, tokenizer=tok, progress=False)
     expected = _weights(model)
@@ -115,14 +115,16 @@ def test_questions_cover_each_epoch_once_and_depend_only_on_the_step():
     assert questions_for_step(7, 5, 2, seed=3) == questions_for_step(7, 5, 2, seed=3)
 
 
-def test_old_policy_swaps_weights_in_and_out():
-    p = torch.nn.Parameter(torch.tensor([1.0]))
-    old = OldPolicy({"p": p})
-    with torch.no_grad():
-        p.add_(1.0)
-    with old.active():
-        assert p.item() == 1.0
-    assert p.item() == 2.0
-    old.refresh()
-    with old.active():
-        assert p.item() == 2.0
+def test_rounds_sample_once_and_write_their_rollouts(tmp_path):
+    import pandas as pd
+
+    cfg = _cfg(tmp_path, "train.steps_per_round=2", "train.questions_per_step=2")
+    model, tok = _fresh_policy(False)
+    result = train(cfg, PROBLEMS, tmp_path / "rounds", model=model, tokenizer=tok, progress=False)
+    files = sorted((result.output_dir / "rollouts").glob("round-*.parquet"))
+    assert [f.name for f in files] == ["round-000000.parquet", "round-000001.parquet"]
+    frame = pd.read_parquet(files[0])
+    assert len(frame) == 2 * 2 * 4  # steps per round x questions per step x k
+    rows = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 0, 1, 1]
+    assert rows[0]["time/sample"] > 0 and rows[1]["time/sample"] == 0  # the 2nd step reuses the round's samples
