@@ -3,14 +3,19 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RLSC := $(VENV)/bin/rlsc
-EXTRAS ?= dev
+EXTRAS ?= pipeline,dev
 
 export HF_HUB_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1
 export DO_NOT_TRACK = true
 export TOKENIZERS_PARALLELISM = false
+export MLFLOW_DISABLE_TELEMETRY = true
+export DVC_NO_ANALYTICS = 1
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 60
+export PREFECT_HOME ?= $(CURDIR)/outputs/.prefect
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean retrain serve repro prefect-server mlflow-ui
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,6 +31,22 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+retrain: install            ## one run of the Prefect retrain flow (local ephemeral API unless PREFECT_API_URL)
+	$(PY) -m flows.retrain --config params.yaml
+
+serve: install              ## the retrain flow on a schedule (Mondays 03:00)
+	$(PY) -m flows.retrain --serve --cron "0 3 * * 1"
+
+repro: install              ## the same stages through DVC
+	$(VENV)/bin/dvc repro
+
+prefect-server: install     ## Prefect API + UI on http://127.0.0.1:4200 (then export PREFECT_API_URL=http://127.0.0.1:4200/api)
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+
+mlflow-ui: install          ## MLflow UI on http://127.0.0.1:5000 over the local store
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 \
+		--backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow/mlflow.db --default-artifact-root $(CURDIR)/outputs/mlflow/artifacts
 
 lint: install
 	$(VENV)/bin/ruff check rlsc tests

@@ -122,6 +122,58 @@ def cmd_grade(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from rlsc.stages import check_data_stage, check_rollouts_stage, work_path
+
+    cfg = _config(args)
+    if args.rollouts:
+        check_rollouts_stage(cfg, args.rollouts)
+        print(f"rollouts contract passed: {args.rollouts}", file=sys.stderr)
+        return 0
+    report = check_data_stage(cfg, args.train or work_path(cfg, "data", "train.jsonl"),
+                              args.eval or work_path(cfg, "data", "eval.jsonl"))
+    print(f"data contracts passed -> {report}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from rlsc.stages import report_from_files
+
+    path = report_from_files(_config(args))
+    print(path.read_text())
+    return 0
+
+
+def cmd_register(args) -> int:
+    from rlsc.stages import register_stage
+
+    decision = register_stage(_config(args))
+    print(json.dumps(decision, indent=2, default=str))
+    print(f"version {decision['version']}: {decision['decision']} ({decision['reason']})", file=sys.stderr)
+    return 0
+
+
+def cmd_registry_list(args) -> int:
+    from rlsc.tracking import list_versions
+
+    for v in list_versions(_config(args)):
+        print(json.dumps(v, default=str))
+    return 0
+
+
+def cmd_registry_promote(args) -> int:
+    import getpass
+
+    from rlsc.tracking import promote
+
+    cfg = _config(args)
+    if args.name:
+        cfg.registry.model_name = args.name
+    promote(cfg, args.version, who=args.who or getpass.getuser(), why=args.why)
+    print(f"{cfg.registry.model_name} v{args.version} is now champion", file=sys.stderr)
+    return 0
+
+
 def cmd_run(args) -> int:
     from rlsc.stages import run_all
 
@@ -175,6 +227,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("grade", help="grade JSONL records with 'prediction' and 'gold'; JSONL to stdout")
     p.add_argument("file")
     p.set_defaults(func=cmd_grade)
+
+    p = sub.add_parser("check", help="data contracts (Great Expectations) on the problem files or a rollouts file")
+    _add_config_args(p)
+    p.add_argument("--train", help="train problems (default: <work_dir>/data/train.jsonl)")
+    p.add_argument("--eval", help="eval problems (default: <work_dir>/data/eval.jsonl)")
+    p.add_argument("--rollouts", help="check this rollouts Parquet file instead")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("report", help="before/after report from the eval folders")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("register", help="log the run to MLflow and register the model behind the promotion gate")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("registry", help="the MLflow model registry: list versions, promote by hand")
+    registry = p.add_subparsers(dest="registry_command", required=True)
+    q = registry.add_parser("list", help="versions with their aliases and gate evidence")
+    _add_config_args(q)
+    q.set_defaults(func=cmd_registry_list)
+    q = registry.add_parser("promote", help="move the champion alias to NAME VERSION, recording who and why")
+    _add_config_args(q)
+    q.add_argument("name", help="registered model name")
+    q.add_argument("version", help="version to promote")
+    q.add_argument("--why", required=True, help="reason, recorded as a tag")
+    q.add_argument("--who", help="who promotes (default: the login name)")
+    q.set_defaults(func=cmd_registry_promote)
 
     p = sub.add_parser("run", help="the main job: prepare, evaluate base, train, evaluate, compare, report")
     _add_config_args(p)

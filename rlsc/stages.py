@@ -140,7 +140,23 @@ def report_from_files(cfg: Config) -> Path:
     after = json.loads(work_path(cfg, "eval", "trained", "metrics.json").read_text())
     paired = compare_stage(work_path(cfg, "eval", "base"), work_path(cfg, "eval", "trained"), cfg)
     training_png = work_path(cfg, "train", "training.png")
+    _write_dvc_plots(cfg, before, after)
     return report_stage(cfg, before, after, paired, training_png if training_png.is_file() else None)
+
+
+def _write_dvc_plots(cfg: Config, before: dict, after: dict) -> None:
+    """Plot data in the shapes `dvc plots` reads: per-step training curves and accuracy before/after."""
+    from rlsc.evaluate import write_json
+    from rlsc.report import read_metrics
+
+    metrics_path = work_path(cfg, "train", "metrics.jsonl")
+    rows = read_metrics(metrics_path) if metrics_path.is_file() else []
+    curves = [{"step": r["step"], "loss": r["loss"], "p_old": r["weights/mean"],
+               "token_confidence": r["confidence/token_prob"], "entropy": r["entropy"],
+               "length": r["completions/mean_length"]} for r in rows]
+    write_json(work_path(cfg, "plots", "training.json"), curves)
+    write_json(work_path(cfg, "plots", "accuracy.json"),
+               [{"model": label, "pass@1": m["pass@1"]["value"]} for label, m in (("base", before), ("trained", after))])
 
 
 def check_data_stage(cfg: Config, train_path: str | Path, eval_path: str | Path) -> Path:

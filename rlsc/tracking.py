@@ -465,10 +465,13 @@ def register_and_gate(cfg: Config, run_id: str, model_uri: str, candidate_record
                     else _decide(target, candidate_records, target_name, cfg))
     decision.version = version
     client.set_registered_model_alias(name, decision.decision, version)
-    for key, value in _gate_tags(decision, target_name, previous).items():
+    from mlflow.entities import RunTag
+
+    tags = _gate_tags(decision, target_name, previous)
+    for key, value in tags.items():  # the registry has no batch call for version tags
         client.set_model_version_tag(name, version, key, value)
-        client.set_tag(run_id, key, value)
-    client.set_tag(run_id, "registry.version", f"{name}/{version}")
+    tags["registry.version"] = f"{name}/{version}"
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     return decision
 
 

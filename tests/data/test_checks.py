@@ -195,7 +195,9 @@ def test_problems_frame_columns(tmp_path):
     [
         ("18", True), ("-1,234.5", True), ("\\frac{3}{4}", True), ("x^2 + 1", True),
         ("\\left( 3, \\frac{\\pi}{2} \\right)", True), ("\\text{(C)}", True),
-        (None, False), ("", False), ("  ", False), ("\\frac{", False), ("1..5", False), ("}{", False),
+        ("-2,1", True), ("69,84", True), ("t(0,4]", True), ("E_{1},E_{2}", True),
+        (None, False), ("", False), ("  ", False), ("\\frac{", False), ("\\sqrt{", False), ("}{", False),
+        ("1..5", False), ("3.4.5%", False),
     ],
 )
 def test_gold_is_parseable(answer, parseable):
@@ -337,8 +339,9 @@ def test_reports_written_on_failure_without_temp_files(tmp_path):
 def test_message_shows_at_most_three_examples(tmp_path):
     bad = [record(f"t{i}", "   ") for i in range(10, 16)]
     message = assert_rejected(tmp_path, [*base_train_records(), *bad], base_eval_records(), "question not empty")
-    assert "6 rows" in message
-    assert message.count("train.jsonl:") == 3
+    block = next(b for b in message.split("\n- ") if "'question not empty'" in b)
+    assert "6 rows" in block
+    assert block.count("    train.jsonl:") == 3
 
 
 # ---------------------------------------------------------------- real data
@@ -352,3 +355,15 @@ def test_real_gsm8k_eval_passes(tmp_path, shared_data):
     report = validate_problem_file(path, "eval", CFG)
     assert report.success, report.failures
     assert report.rows == 200
+
+
+def test_every_real_benchmark_gold_is_parseable(shared_data):
+    files = sorted(shared_data.glob("*/test.jsonl"))
+    if not files:
+        pytest.skip(f"no */test.jsonl benchmark files under {shared_data}")
+    unparseable = {
+        f.parent.name: bad
+        for f in files
+        if (bad := [p.answer for p in load_problems(f) if not gold_is_parseable(p.answer)])
+    }
+    assert unparseable == {}
