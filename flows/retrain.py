@@ -58,7 +58,7 @@ def register(cfg: Config) -> dict:
 
 
 @flow(name="rlsc-retrain", log_prints=True)
-def retrain(config: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+def retrain(config: str | None = "params.yaml", overrides: list[str] | None = None) -> dict:
     """One retraining run with the parameters of `config` (params.yaml) and `overrides`."""
     cfg = load_config(config, overrides or [])
     train_path, eval_path = prepare(cfg)

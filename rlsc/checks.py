@@ -89,7 +89,7 @@ class CheckReport:
         lines = [
             f"## {self.name}: {verdict}",
             "",
-            f"Source: `{self.source}`, {self.rows} rows, {len(self.expectations)} expectations.",
+            f"Source: `{self.source}`, {_rows(self.rows)}, {len(self.expectations)} expectations.",
             "",
         ]
         lines += _findings_markdown("Failed", self.failures)
@@ -244,7 +244,9 @@ def _text_or_none(value: Any) -> str | None:
 def _problem_row(line: int, raw: bytes) -> dict[str, Any]:
     record, error = _decode_record(raw)
     if record is None:
-        return {"line": line, "parsed": False, "parse_error": error, "gold_parseable": False}
+        # Every column spelled out: a key left missing would read back as NaN, not None.
+        return {**dict.fromkeys(PROBLEM_COLUMNS), "line": line, "parsed": False, "parse_error": error,
+                "gold_parseable": False}
     question = record.get("question")
     question = question if isinstance(question, str) else None  # a non-string question is no question
     answer = _text_or_none(record.get("answer"))
@@ -437,9 +439,7 @@ def _failure(result: Any, frame: pd.DataFrame, file_name: str, id_column: str) -
         "column": column,
         "unexpected_count": detail.get("unexpected_count"),
         "observed": _observed(result),
-        "examples": [
-            _example(frame.loc[index], column, file_name, id_column) for index in indices[:EXAMPLES_SHOWN]
-        ],
+        "examples": [_example(frame, index, column, file_name, id_column) for index in indices[:EXAMPLES_SHOWN]],
     }
 
 
@@ -463,15 +463,23 @@ def _exception_message(info: Any) -> str | None:
     return messages[0] if messages else None
 
 
-def _example(row: Any, column: str | None, file_name: str, id_column: str) -> dict[str, Any]:
+def _example(frame: pd.DataFrame, index: Any, column: str | None, file_name: str, id_column: str) -> dict:
     value_column = EXAMPLE_VALUE_COLUMN.get(column, column)
-    line = int(row["line"])
+    line = int(frame.at[index, "line"])
     return {
         "where": f"{file_name}:{line}",
         "line": line,
-        "id": _jsonable(row.get(id_column)),
-        "value": _short(row.get(value_column)) if value_column else None,
+        "id": _jsonable(_value_at(frame, index, id_column)),
+        "value": _short(_value_at(frame, index, value_column)),
     }
+
+
+def _value_at(frame: pd.DataFrame, index: Any, column: str | None) -> Any:
+    """The cell, with a missing value as None except in float columns, where NaN is the finding."""
+    if column is None or column not in frame:
+        return None
+    value = frame.at[index, column]
+    return None if frame[column].dtype.kind != "f" and _is_missing(value) else value
 
 
 def _short(value: Any) -> Any:
@@ -522,6 +530,10 @@ def _findings_markdown(title: str, findings: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def _rows(count: int) -> str:
+    return f"{count} row" if count == 1 else f"{count} rows"
+
+
 def _cell(value: Any) -> str:
     text = "" if value is None else str(value)
     return text.replace("|", "\\|").replace("\n", " ")
@@ -540,8 +552,8 @@ def _format_example(example: dict[str, Any]) -> str:
 def _questions_by_norm(frame: pd.DataFrame) -> dict[str, list[tuple[int, Any, str]]]:
     found: dict[str, list[tuple[int, Any, str]]] = {}
     for line, ident, question, norm in frame[["line", "id", "question", "question_norm"]].itertuples(index=False):
-        if isinstance(norm, str):
-            found.setdefault(norm, []).append((int(line), ident, question))
+        if isinstance(norm, str):  # pandas' str columns hold NaN, not None, where text is missing
+            found.setdefault(norm, []).append((int(line), None if _is_missing(ident) else ident, question))
     return found
 
 
@@ -645,7 +657,7 @@ def failure_message(reports: list[CheckReport]) -> str:
     lines = ["data checks failed:"]
     for report in reports:
         for f in report.failures:
-            count = "" if f["unexpected_count"] is None else f", {f['unexpected_count']} rows"
+            count = "" if f["unexpected_count"] is None else f", {_rows(f['unexpected_count'])}"
             lines.append(f"- {report.name}: {f['expectation']!r} ({f['ge_type'] or 'rlsc check'}{count})")
             lines += [f"    {_format_example(e)}" for e in f["examples"]]
             if not f["examples"] and f.get("observed") is not None:

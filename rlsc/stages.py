@@ -170,11 +170,11 @@ def check_data_stage(cfg: Config, train_path: str | Path, eval_path: str | Path)
 
 def check_rollouts_stage(cfg: Config, rollouts_path: str | Path) -> None:
     """Run the rollouts contract on a sample-and-score file; raises DataCheckError if it fails."""
-    from rlsc.checks import DataCheckError, validate_rollouts_file
+    from rlsc.checks import DataCheckError, failure_message, validate_rollouts_file
 
     report = validate_rollouts_file(Path(rollouts_path), cfg.sampling.k)
     if not report.success:
-        raise DataCheckError(f"rollouts {rollouts_path} failed their contract:\n{report.to_markdown()}")
+        raise DataCheckError(failure_message([report]))
 
 
 def register_stage(cfg: Config) -> dict[str, Any]:

@@ -148,7 +148,7 @@ def test_malformed_json_line_is_named_by_line(tmp_path):
         run_data_checks(tmp_path / "train.jsonl", tmp_path / "eval.jsonl", CFG, tmp_path / "reports")
     message = str(caught.value)
     assert "'every line is a JSON object'" in message and "train.jsonl:3" in message
-    assert "malformed JSON" in message
+    assert "malformed JSON" in message and "id=None" in message
     summary = json.loads((tmp_path / "reports" / "data_checks.json").read_text())
     # Field rules skip the line that did not parse, so it fails exactly one expectation.
     assert failed_names(summary) == {"every line is a JSON object"}
@@ -367,3 +367,15 @@ def test_every_real_benchmark_gold_is_parseable(shared_data):
         if (bad := [p.answer for p in load_problems(f) if not gold_is_parseable(p.answer)])
     }
     assert unparseable == {}
+
+
+def test_checks_run_off_the_main_thread(tmp_path):
+    # Prefect runs tasks in worker threads, where math_verify's SIGALRM timeout is unavailable.
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = write_problems(tmp_path / "eval.jsonl", eval_problems())
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        parse_verdict = pool.submit(gold_is_parseable, "\\frac{")
+        report = pool.submit(validate_problem_file, path, "eval", CFG)
+        assert parse_verdict.result() is False
+        assert report.result().success

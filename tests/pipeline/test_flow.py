@@ -32,9 +32,7 @@ def test_retrain_flow_runs_every_stage_and_leaves_its_files(prefect_api, tiny_cf
 
 def test_a_failed_data_check_stops_the_flow_before_training(prefect_api, tiny_cfg_overrides, tmp_path):
     from flows.retrain import retrain
-
     from rlsc.checks import DataCheckError
-
     from rlsc.problems import write_problems
     from rlsc.synthetic import generate_problems
 
