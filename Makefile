@@ -1,4 +1,5 @@
-# The front door: `make demo` runs the main job on the embedded default, `make test` the tests.
+# The front door: `make demo` runs the main job (the Prefect retrain flow) on the embedded default,
+# `make test` the tests.
 # Both create the virtual environment first (torch 2.13.0 before the project, so pip pulls no CUDA build).
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -26,8 +27,8 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 
 install: $(VENV)/.installed-$(EXTRAS)
 
-demo: install
-	$(RLSC) run --config params.yaml
+demo: install               ## the main job: the retrain flow on the embedded default (same as `make retrain`)
+	$(PY) -m flows.retrain --config params.yaml
 
 test: install
 	$(PY) -m pytest -q

@@ -39,17 +39,18 @@ def evaluate(cfg: Config, eval_path: Path, label: str, trained: Path | None = No
 
 @task(retries=1, retry_delay_seconds=5)
 def sample_and_score(cfg: Config, train_path: Path) -> Path:
-    out = stages.work_path(cfg, "rollouts", "base.parquet")
-    stages.sample_and_score_stage(cfg, train_path, out)
+    """Round 0 of training, sampled from the base policy and checked against the rollouts contract."""
+    out = stages.work_path(cfg, "rollouts", "round-000000.parquet")
+    stages.sample_and_score_stage(cfg, train_path, out, round_index=0)
     stages.check_rollouts_stage(cfg, out)
     return out
 
 
 @task(retries=1, retry_delay_seconds=5)
-def train(cfg: Config, train_path: Path) -> Path:
+def train(cfg: Config, train_path: Path, first_round: Path) -> Path:
     # resume=True: a retry continues from the last checkpoint instead of starting over
     return stages.train_stage(cfg, train_path, stages.work_path(cfg, "train"), resume=True,
-                              progress=False).final_dir
+                              progress=False, first_round=first_round).final_dir
 
 
 @task
@@ -64,8 +65,8 @@ def retrain(config: str | None = "params.yaml", overrides: list[str] | None = No
     train_path, eval_path = prepare(cfg)
     check_data(cfg, train_path, eval_path)
     base = evaluate(cfg, eval_path, "base")
-    sample_and_score(cfg, train_path)
-    final_dir = train(cfg, train_path)
+    first_round = sample_and_score(cfg, train_path)
+    final_dir = train(cfg, train_path, first_round)
     trained = evaluate(cfg, eval_path, "trained", final_dir)
     decision = register(cfg)
     report = stages.report_from_files(cfg)
@@ -74,7 +75,8 @@ def retrain(config: str | None = "params.yaml", overrides: list[str] | None = No
         markdown=report.read_text() + f"\n\n## Promotion\n\n{decision['decision']}: {decision['reason']}\n",
         description="before/after table and the promotion decision",
     )
-    return {"base": base["pass@1"], "trained": trained["pass@1"], "decision": decision}
+    print(report.read_text())
+    return {"base": base["pass@1"], "trained": trained["pass@1"], "decision": decision, "report": str(report)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,7 +91,10 @@ def main(argv: list[str] | None = None) -> None:
         retrain.serve(name="rlsc-retrain-scheduled", cron=args.cron,
                       parameters={"config": args.config, "overrides": args.set})
     else:
-        print(retrain(config=args.config, overrides=args.set))
+        result = retrain(config=args.config, overrides=args.set)
+        print(Path(result["report"]).read_text())
+        print(f"promotion: {result['decision']['decision']} (version {result['decision']['version']}): "
+              f"{result['decision']['reason']}")
 
 
 if __name__ == "__main__":

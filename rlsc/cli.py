@@ -52,7 +52,8 @@ def cmd_train(args) -> int:
 
     cfg = _config(args)
     out = args.out or work_path(cfg, "train")
-    result = train_stage(cfg, args.problems or cfg.data.train, out, resume=args.resume, progress=not args.quiet)
+    result = train_stage(cfg, args.problems or cfg.data.train, out, resume=args.resume, progress=not args.quiet,
+                         first_round=args.first_round)
     print(f"trained {result.steps_done} steps ({result.skipped_steps} skipped) -> {result.final_dir}",
           file=sys.stderr)
     print(result.final_dir)
@@ -65,7 +66,7 @@ def cmd_sample(args) -> int:
     cfg = _config(args)
     out = args.out or work_path(cfg, "rollouts", "samples.parquet")
     summary = sample_and_score_stage(cfg, args.problems or work_path(cfg, "data", "train.jsonl"), out,
-                                     trained=args.trained)
+                                     trained=args.trained, round_index=args.round)
     print(json.dumps(summary, indent=2))
     print(f"rollouts -> {out}", file=sys.stderr)
     return 0
@@ -201,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problems", help="problem source (default: data.train)")
     p.add_argument("--out", help="output folder (default: <work_dir>/train)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--first-round", help="round 0's rollouts from `rlsc sample --round 0` (not sampled again)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample-and-score: k samples per question -> rollouts Parquet")
@@ -208,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problems", help="problem file (default: <work_dir>/data/train.jsonl)")
     p.add_argument("--trained", help="a trained folder; default: the base model")
     p.add_argument("--out", help="Parquet file (default: <work_dir>/rollouts/samples.parquet)")
+    p.add_argument("--round", type=int, help="sample the questions of this training round (for train --first-round)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="greedy pass@1 (and maj@k, pass@k with eval.k) on problems with gold")

@@ -70,18 +70,27 @@ def evaluate_stage(cfg: Config, problems_path: str | Path, out_dir: str | Path, 
 
 
 def sample_and_score_stage(cfg: Config, problems_path: str | Path, out_path: str | Path, *,
-                           trained: str | Path | None = None, model=None, tokenizer=None) -> dict[str, Any]:
+                           trained: str | Path | None = None, model=None, tokenizer=None,
+                           round_index: int | None = None) -> dict[str, Any]:
     """k samples per question from the current policy, one Parquet row per sample with its completion,
-    extracted answer, sequence log-prob, p_old, token confidence, entropy, self-certainty, agreement."""
+    extracted answer, sequence log-prob, p_old, token confidence, entropy, self-certainty, agreement.
+
+    With `round_index`, the questions (and seed) of that training round: the trainer then trains
+    on this file instead of sampling the round again (`train_stage(first_round=...)`).
+    """
     from rlsc.answers import extract_answer
     from rlsc.prompts import render_prompt
     from rlsc.sampling import rollouts_frame, write_rollouts
-    from rlsc.trainer import rollout_metrics, sample_questions
+    from rlsc.trainer import rollout_metrics, sample_and_score_round, sample_questions
 
     problems = load_problems(problems_path)
     if model is None:
         model, tokenizer = load_model(cfg, trained)
     prompts = [render_prompt(tokenizer, p.question, cfg.prompt) for p in problems]
+    if round_index is not None:
+        rollouts, answers = sample_and_score_round(model, tokenizer, cfg, round_index, [p.id for p in problems],
+                                                   prompts, Path(out_path))
+        return rollout_metrics(rollouts, answers)
     rollouts = sample_questions(model, tokenizer, prompts, cfg)
     answers = [extract_answer(t) for t in rollouts.texts]
     write_rollouts(out_path, rollouts_frame(rollouts, [p.id for p in problems], prompts, answers))
@@ -89,14 +98,15 @@ def sample_and_score_stage(cfg: Config, problems_path: str | Path, out_path: str
 
 
 def train_stage(cfg: Config, train_path: str | Path, out_dir: str | Path, *, resume: bool = False,
-                model=None, tokenizer=None, progress: bool = True):
+                model=None, tokenizer=None, progress: bool = True, first_round: str | Path | None = None):
     """Train on the questions of a problem file; writes metrics.jsonl, checkpoints/ and final/."""
     from rlsc.report import plot_training
     from rlsc.trainer import train
 
     problems = load_problems(train_path)
     out_dir = Path(out_dir)
-    result = train(cfg, problems, out_dir, model=model, tokenizer=tokenizer, resume=resume, progress=progress)
+    result = train(cfg, problems, out_dir, model=model, tokenizer=tokenizer, resume=resume, progress=progress,
+                   first_round=first_round)
     (out_dir / "config.yaml").write_text(dump_config(cfg))
     plot_training(result.metrics_path, out_dir / "training.png")
     return result

@@ -161,24 +161,44 @@ def round_question_indices(round_index: int, n_questions: int, train: TrainConfi
             for i in questions_for_step(step, n_questions, train.questions_per_step, train.seed)]
 
 
-def sample_round(policy, tokenizer, cfg: Config, round_index: int, ids: list[str], prompts: list[str],
-                 folder: Path, reuse: bool) -> tuple[Rollouts, list[str | None]]:
-    """Sample (and score) the questions of one round with the current policy, the round's p_old.
+def round_seed(seed: int, round_index: int) -> int:
+    """The sampling seed of one round: sampling needs no RNG state carried between rounds, so a
+    round sampled by the pipeline's sample-and-score stage equals the one the trainer would draw."""
+    return seed * 1_000_003 + round_index
 
-    The samples are written to folder/round-NNNNNN.parquet; a resumed run reads them back instead
-    of sampling again, so it trains on exactly the samples the interrupted run drew.
-    """
-    path = folder / f"round-{round_index:06d}.parquet"
-    if reuse and path.is_file():
-        import pandas as pd
 
-        rollouts, _, answers = rollouts_from_frame(pd.read_parquet(path), tokenizer)
-        return rollouts, answers
+def sample_and_score_round(policy, tokenizer, cfg: Config, round_index: int, ids: list[str], prompts: list[str],
+                           path: Path) -> tuple[Rollouts, list[str | None]]:
+    """Sample (and score) the questions of one round with the current policy, the round's p_old,
+    and write them to `path` (one Parquet row per sample)."""
     chosen = round_question_indices(round_index, len(prompts), cfg.train)
-    rollouts = sample_questions(policy, tokenizer, [prompts[i] for i in chosen], cfg)
+    with torch.random.fork_rng():
+        torch.manual_seed(round_seed(cfg.train.seed, round_index))
+        rollouts = sample_questions(policy, tokenizer, [prompts[i] for i in chosen], cfg)
     answers = [extract_answer(text) for text in rollouts.texts]
     write_rollouts(path, rollouts_frame(rollouts, [ids[i] for i in chosen], [prompts[i] for i in chosen], answers))
     return rollouts, answers
+
+
+def read_round(path: Path, tokenizer) -> tuple[Rollouts, list[str | None]]:
+    import pandas as pd
+
+    rollouts, _, answers = rollouts_from_frame(pd.read_parquet(path), tokenizer)
+    return rollouts, answers
+
+
+def round_rollouts_for(policy, tokenizer, cfg: Config, round_index: int, ids, prompts, folder: Path,
+                       *, resume: bool, first_round: Path | None) -> tuple[Rollouts, list[str | None]]:
+    """A round's samples: read back when a resumed run (or, for round 0, the pipeline's
+    sample-and-score stage) already drew them, so training sees exactly those samples."""
+    path = folder / f"round-{round_index:06d}.parquet"
+    if resume and path.is_file():
+        return read_round(path, tokenizer)
+    if round_index == 0 and first_round is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(first_round, path)
+        return read_round(path, tokenizer)
+    return sample_and_score_round(policy, tokenizer, cfg, round_index, ids, prompts, path)
 
 
 def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
@@ -308,8 +328,13 @@ def train(
     tokenizer=None,
     resume: bool = False,
     progress: bool = True,
+    first_round: str | Path | None = None,
 ) -> TrainResult:
-    """Run RLSC on the questions of `problems` (gold answers are never read) and save the result."""
+    """Run RLSC on the questions of `problems` (gold answers are never read) and save the result.
+
+    `first_round`: a rollouts file of round 0 written by the sample-and-score stage, used instead
+    of sampling round 0 again.
+    """
     from accelerate import Accelerator
 
     from rlsc.models import load_policy, save_trained
@@ -334,6 +359,7 @@ def train(
     policy = accelerator.unwrap_model(model)
     prompts = [render_prompt(tokenizer, p.question, cfg.prompt) for p in problems]
     ids = [p.id for p in problems]
+    first_round = Path(first_round) if first_round else None
 
     start_step, counters = 0, {"skipped_steps": 0, "nonfinite_streak": 0}
     last = latest_checkpoint(checkpoints) if resume else None
@@ -353,8 +379,9 @@ def train(
         round_index, offset = divmod(step, t.steps_per_round)
         sample_seconds = 0.0
         if round_rollouts is None or offset == 0:
-            round_rollouts, round_answers = sample_round(
-                policy, tokenizer, cfg, round_index, ids, prompts, output_dir / "rollouts", reuse=resume
+            round_rollouts, round_answers = round_rollouts_for(
+                policy, tokenizer, cfg, round_index, ids, prompts, output_dir / "rollouts", resume=resume,
+                first_round=first_round,
             )
             sample_seconds = time.perf_counter() - step_start
         q = t.questions_per_step

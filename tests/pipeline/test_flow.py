@@ -23,7 +23,7 @@ def test_retrain_flow_runs_every_stage_and_leaves_its_files(prefect_api, tiny_cf
     result = retrain(config=None, overrides=tiny_cfg_overrides)
     work = tmp_path / "work"
     for path in ["data/train.jsonl", "data/eval.jsonl", "checks/data_checks.json", "eval/base/metrics.json",
-                 "rollouts/base.parquet", "train/metrics.jsonl", "train/final/adapter_config.json",
+                 "rollouts/round-000000.parquet", "train/rollouts/round-000000.parquet", "train/metrics.jsonl", "train/final/adapter_config.json",
                  "eval/trained/problems.jsonl", "report/report.md", "registry/decision.json"]:
         assert (work / path).exists(), path
     decision = json.loads((work / "registry" / "decision.json").read_text())

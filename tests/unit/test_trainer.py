@@ -128,3 +128,21 @@ def test_rounds_sample_once_and_write_their_rollouts(tmp_path):
     rows = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 0, 1, 1]
     assert rows[0]["time/sample"] > 0 and rows[1]["time/sample"] == 0  # the 2nd step reuses the round's samples
+
+
+def test_a_round_sampled_by_the_pipeline_trains_exactly_like_an_in_process_round(tmp_path):
+    from rlsc.prompts import render_prompt
+    from rlsc.trainer import sample_and_score_round
+
+    cfg = _cfg(tmp_path, "train.steps=2")
+    model, tok = _fresh_policy(False)
+    train(cfg, PROBLEMS, tmp_path / "in-process", model=model, tokenizer=tok, progress=False)
+    expected = _weights(model)
+
+    model, tok = _fresh_policy(False)
+    prompts = [render_prompt(tok, p.question, cfg.prompt) for p in PROBLEMS]
+    first = tmp_path / "round-0.parquet"
+    sample_and_score_round(model, tok, cfg, 0, [p.id for p in PROBLEMS], prompts, first)
+    model, tok = _fresh_policy(False)
+    train(cfg, PROBLEMS, tmp_path / "pipeline", model=model, tokenizer=tok, progress=False, first_round=first)
+    assert all(torch.equal(p, expected[n]) for n, p in _weights(model).items())
