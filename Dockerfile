@@ -17,7 +17,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     DO_NOT_TRACK=true \
     DVC_NO_ANALYTICS=1
 
-# git: lineage tags (commit) and DVC
+# git: lineage tags (commit) and DVC; Debian's stable git, not pinned to a point release
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends git \
     && rm -rf /var/lib/apt/lists/*
@@ -25,13 +26,15 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY rlsc ./rlsc
+# torch comes from the chosen index (CPU or CUDA wheels) first, so the project's range pulls nothing more
+# hadolint ignore=DL3013
 RUN pip install --index-url "${TORCH_INDEX}" "torch>=2.5,<2.14" \
     && pip install ".[pipeline]"
 COPY flows ./flows
 COPY params.yaml dvc.yaml ./
 
-RUN useradd --create-home rlsc && mkdir -p /cache /app/outputs && chown -R rlsc /cache /app
-USER rlsc
+RUN useradd --create-home --uid 10001 rlsc && mkdir -p /cache /app/outputs && chown -R 10001 /cache /app
+USER 10001
 # the assembled model and the MLflow store (outputs/mlflow) outlive the container
 VOLUME ["/cache", "/app/outputs"]
 CMD ["python", "-m", "flows.retrain", "--config", "params.yaml"]
