@@ -25,7 +25,9 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
+# Prefect only creates the last folder of PREFECT_HOME: make the whole path first
 install: $(VENV)/.installed-$(EXTRAS)
+	@mkdir -p "$(PREFECT_HOME)"
 
 demo: install               ## the main job: the retrain flow on the embedded default (same as `make retrain`)
 	$(PY) -m flows.retrain --config params.yaml
