@@ -33,8 +33,7 @@ def check_data(cfg: Config, train_path: Path, eval_path: Path) -> Path:
 
 @task(retries=1, retry_delay_seconds=5)
 def evaluate(cfg: Config, eval_path: Path, label: str, trained: Path | None = None) -> dict:
-    return stages.evaluate_stage(cfg, eval_path, stages.work_path(cfg, "eval", label), trained=trained,
-                                 progress=False)
+    return stages.evaluate_stage(cfg, eval_path, stages.work_path(cfg, "eval", label), trained=trained)
 
 
 @task(retries=1, retry_delay_seconds=5)
@@ -50,7 +49,7 @@ def sample_and_score(cfg: Config, train_path: Path) -> Path:
 def train(cfg: Config, train_path: Path, first_round: Path) -> Path:
     # resume=True: a retry continues from the last checkpoint instead of starting over
     return stages.train_stage(cfg, train_path, stages.work_path(cfg, "train"), resume=True,
-                              progress=False, first_round=first_round).final_dir
+                              first_round=first_round).final_dir
 
 
 @task

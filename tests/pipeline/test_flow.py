@@ -17,7 +17,7 @@ def prefect_api():
         yield
 
 
-def test_retrain_flow_runs_every_stage_and_leaves_its_files(prefect_api, tiny_cfg_overrides, tmp_path):
+def test_retrain_flow_runs_every_stage_and_leaves_its_files(prefect_api, tiny_cfg_overrides, tmp_path, capsys):
     from flows.retrain import retrain
 
     result = retrain(config=None, overrides=tiny_cfg_overrides)
@@ -28,6 +28,27 @@ def test_retrain_flow_runs_every_stage_and_leaves_its_files(prefect_api, tiny_cf
         assert (work / path).exists(), path
     decision = json.loads((work / "registry" / "decision.json").read_text())
     assert decision["decision"] in ("champion", "challenger") and result["decision"]["version"]
+
+    # the registry from the command line: list the version with its evidence, promote it by hand
+    from rlsc.cli import main
+
+    args = [a for o in tiny_cfg_overrides for a in ("--set", o)]
+    assert main(["registry", "list", *args]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert listed[-1]["version"] == decision["version"] and "decision" in listed[-1]["gate"]
+    assert main(["registry", "promote", "rlsc-policy", decision["version"], "--why", "reviewed", "--who", "ci",
+                 *args]) == 0
+    assert main(["registry", "list", *args]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert "champion" in listed[-1]["aliases"] and listed[-1]["tags"]["promoted_by"] == "ci"
+
+
+def test_the_flow_can_be_served_on_a_cron_schedule():
+    from flows.retrain import retrain
+
+    deployment = retrain.to_deployment(name="rlsc-retrain-scheduled", cron="0 3 * * 1",
+                                       parameters={"config": "params.yaml", "overrides": []})
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * 1"]
 
 
 def test_a_failed_data_check_stops_the_flow_before_training(prefect_api, tiny_cfg_overrides, tmp_path):

@@ -146,3 +146,16 @@ def test_a_round_sampled_by_the_pipeline_trains_exactly_like_an_in_process_round
     model, tok = _fresh_policy(False)
     train(cfg, PROBLEMS, tmp_path / "pipeline", model=model, tokenizer=tok, progress=False, first_round=first)
     assert all(torch.equal(p, expected[n]) for n, p in _weights(model).items())
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_training_with_gradient_checkpointing(tmp_path, lora):
+    cfg = _cfg(tmp_path, "train.steps=1", f"model.lora.enabled={str(lora).lower()}",
+               "model.gradient_checkpointing=true")
+    model, tok = _fresh_policy(lora)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        model.enable_input_require_grads()
+    before = _weights(model)
+    train(cfg, PROBLEMS, tmp_path / "ckpt", model=model, tokenizer=tok, progress=False)
+    assert any(not torch.equal(p, before[n]) for n, p in _weights(model).items())
