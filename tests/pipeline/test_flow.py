@@ -17,7 +17,7 @@ def prefect_api():
         yield
 
 
-def test_retrain_flow_runs_every_stage_and_leaves_its_files(prefect_api, tiny_cfg_overrides, tmp_path, capsys):
+def test_retrain_flow_runs_every_stage_and_leaves_its_files(prefect_api, tiny_cfg_overrides, tmp_path):
     from flows.retrain import retrain
 
     result = retrain(config=None, overrides=tiny_cfg_overrides)
@@ -29,17 +29,22 @@ def test_retrain_flow_runs_every_stage_and_leaves_its_files(prefect_api, tiny_cf
     decision = json.loads((work / "registry" / "decision.json").read_text())
     assert decision["decision"] in ("champion", "challenger") and result["decision"]["version"]
 
-    # the registry from the command line: list the version with its evidence, promote it by hand
-    from rlsc.cli import main
+    # the registry from the command line (a subprocess: Prefect's log handler holds on to
+    # pytest's captured streams, so capsys must not be used around flow runs)
+    import subprocess
+    import sys
 
-    args = [a for o in tiny_cfg_overrides for a in ("--set", o)]
-    assert main(["registry", "list", *args]) == 0
-    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    def rlsc(*args):
+        out = subprocess.run([sys.executable, "-m", "rlsc.cli", *args,
+                              *[a for o in tiny_cfg_overrides for a in ("--set", o)]],
+                             capture_output=True, text=True, check=False)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+    listed = rlsc("registry", "list")
     assert listed[-1]["version"] == decision["version"] and "decision" in listed[-1]["gate"]
-    assert main(["registry", "promote", "rlsc-policy", decision["version"], "--why", "reviewed", "--who", "ci",
-                 *args]) == 0
-    assert main(["registry", "list", *args]) == 0
-    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    rlsc("registry", "promote", "rlsc-policy", decision["version"], "--why", "reviewed", "--who", "ci")
+    listed = rlsc("registry", "list")
     assert "champion" in listed[-1]["aliases"] and listed[-1]["tags"]["promoted_by"] == "ci"
 
 
