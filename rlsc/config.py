@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rlsc.errors import RlscError
 
@@ -129,7 +129,78 @@ class TrainConfig(Section):
     )
     checkpoint_every: int = Field(5, ge=1, description="Write a resumable checkpoint every N steps.")
     max_nonfinite_steps: int = Field(3, ge=1, description="Abort after this many non-finite losses in a row.")
+    kl_beta: float = Field(
+        0.0, ge=0.0, description="Weight of a KL(pi_theta || pi_initial) penalty per completion token (0 = off, "
+        "the paper has none). Needs LoRA: the reference is the same model with the adapter disabled."
+    )
     seed: int = Field(0)
+
+
+# The collapse guard's signals, logged as guard/<name> every step (see rlsc/guard.py for the formulas).
+GUARD_SIGNALS = (
+    "distinct_share", "batch_distinct_share", "cross_question_identical", "few_shot_copy",
+    "p_old_saturation", "entropy_ratio", "length_ratio", "grad_norm_spike",
+)
+
+
+class GuardRule(Section):
+    threshold: float = Field(description="The rule fires when the signal is beyond this value.")
+    direction: Literal["above", "below"] = Field("above", description="Fire when the signal is above or below.")
+    action: Literal["off", "warn", "stop", "rollback"] = Field(
+        "warn", description="warn = log only; stop = end training, keep the current weights; rollback = end "
+        "training and restore the weights of the last round that passed the guard; off = rule disabled."
+    )
+
+    @field_validator("action", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
+
+
+# Chosen from runs on the embedded model (../shared/METHOD.md, "Measured on the embedded model"). The
+# measured collapse (full FT, lr 1e-5) gave every question the same garbled copy of the few-shot
+# example: identical completions across DIFFERENT questions and few-shot copying are specific to it,
+# so they roll back. A healthy LoRA run (lr 1e-4) ended with 1 distinct answer per question, majority
+# agreement 1.0, mean p_old 0.95 and entropy at 6% of its first steps, with pre-clip grad norms of
+# 10 to 215 on every step: distinct answers, p_old saturation, entropy and grad-norm spikes also
+# move in healthy runs, so they only warn (and distinct answers has no rule at all).
+DEFAULT_GUARD_RULES = {
+    "cross_question_identical": {"threshold": 0.5, "direction": "above", "action": "rollback"},
+    "few_shot_copy": {"threshold": 0.6, "direction": "above", "action": "rollback"},
+    "entropy_ratio": {"threshold": 0.05, "direction": "below", "action": "warn"},
+    "length_ratio": {"threshold": 0.3, "direction": "below", "action": "warn"},
+    "p_old_saturation": {"threshold": 0.95, "direction": "above", "action": "warn"},
+    "grad_norm_spike": {"threshold": 20.0, "direction": "above", "action": "warn"},
+}
+
+
+class GuardConfig(Section):
+    """Label-free collapse detection every step, and what to do when a signal crosses its threshold."""
+
+    enabled: bool = Field(True, description="Compute the guard signals and apply the rules every step.")
+    baseline_steps: int = Field(
+        2, ge=1, description="Entropy and length ratios compare against their mean over this many first "
+        "steps that passed the guard."
+    )
+    rules: dict[str, GuardRule] = Field(
+        default_factory=lambda: {name: GuardRule(**rule) for name, rule in DEFAULT_GUARD_RULES.items()},
+        description="Signal name -> {threshold, direction, action}. Given rules are merged onto the defaults "
+        "key by key (set action: off to disable one); names are those of GUARD_SIGNALS.",
+    )
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _merge_onto_defaults(cls, given: Any) -> Any:
+        # merging lets `--set guard.rules.few_shot_copy.threshold=0.7` change one field of one rule
+        if not isinstance(given, dict):
+            return given
+        merged = {name: dict(rule) for name, rule in DEFAULT_GUARD_RULES.items()}
+        for name, rule in given.items():
+            if name not in GUARD_SIGNALS:
+                raise ValueError(f"unknown guard signal {name!r}; known: {', '.join(GUARD_SIGNALS)}")
+            fields = rule.model_dump() if isinstance(rule, GuardRule) else rule
+            merged[name] = {**merged.get(name, {}), **fields} if isinstance(fields, dict) else fields
+        return merged
 
 
 class EvalConfig(Section):
@@ -178,6 +249,7 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)

@@ -2,6 +2,7 @@
 
 Every objective here is a policy-gradient loss  L = -sum_i c_i * log p_theta(y_i|x)  with detached
 per-sample coefficients c_i, except entropy minimisation, which differentiates the entropy itself.
+An optional KL anchor to the initial policy (`kl_penalty`, off by default) can be added to any of them.
 `seq_logprobs` are log p_theta(y_i|x): the SUM of temperature-scaled completion-token log-probs,
 with gradient. `old_seq_logprobs` are the same under the sampling (old) policy, without gradient.
 
@@ -97,6 +98,27 @@ def entropy_loss(token_entropy: torch.Tensor, mask: torch.Tensor, total_tokens: 
     mask = mask.to(token_entropy.dtype)
     denominator = mask.sum().clamp(min=1) if total_tokens is None else max(total_tokens, 1)
     return (token_entropy * mask).sum() / denominator
+
+
+def token_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """KL(pi || pi_ref) at each position: sum_v pi(v) (log pi(v) - log pi_ref(v)), over the last dim.
+
+    Both are log-probabilities over the full vocabulary at the same temperature; exact (no
+    sampled estimator), so it is 0 exactly when the two distributions are equal.
+    """
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+               total_tokens: int | None = None) -> torch.Tensor:
+    """Mean over completion tokens (mask 1) of token_kl: the anchor to the initial policy.
+
+    Not in the paper (it has no KL). `total_tokens` as in `entropy_loss`: the question's token count
+    when its samples are split into micro-batches, so the micro-batch terms add up to its mean.
+    """
+    mask = mask.to(logp.dtype)
+    denominator = mask.sum().clamp(min=1) if total_tokens is None else max(total_tokens, 1)
+    return (token_kl(logp, ref_logp) * mask).sum() / denominator
 
 
 def sample_coefficients(

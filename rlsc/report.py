@@ -1,10 +1,14 @@
-"""What a user looks at: training-curve and eval plots (PNG) and a before/after table (markdown)."""
+"""What a user looks at: training-curve, guard-signal and eval plots (PNG) and a before/after table
+(markdown)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rlsc.config import GuardConfig
 
 TRAINING_PANELS = (
     ("loss", "loss"),
@@ -43,6 +47,41 @@ def plot_training(metrics_path: str | Path, out_png: str | Path) -> Path:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.suptitle("RLSC training (label-free signals)")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+ACTION_COLOURS = {"warn": "tab:orange", "stop": "tab:red", "rollback": "tab:purple"}
+
+
+def plot_guard(metrics_path: str | Path, out_png: str | Path, guard: GuardConfig) -> Path:
+    """The collapse guard's signals per step, each rule's threshold as a dashed line (coloured by its
+    action), and the step where a stop or rollback fired as a vertical line: the onset at a glance."""
+    from rlsc.config import GUARD_SIGNALS
+
+    plt = _pyplot()
+    rows = read_metrics(metrics_path)
+    steps = [r["step"] for r in rows]
+    fired = [r for r in rows if "guard/fired" in r]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
+    for ax, name in zip(axes.flat, GUARD_SIGNALS):
+        ax.plot(steps, [r.get(f"guard/{name}", float("nan")) for r in rows], marker="o", markersize=3)
+        rule = guard.rules.get(name)
+        if rule is not None and rule.action != "off":
+            ax.axhline(rule.threshold, linestyle="--", color=ACTION_COLOURS[rule.action],
+                       label=f"{rule.action} if {rule.direction} {rule.threshold:g}")
+            ax.legend(fontsize=8)
+        for r in fired:
+            ax.axvline(r["step"], color="grey", alpha=0.5)
+        ax.set_title(name + (" (fired)" if any(r["guard/fired"] == name for r in fired) else ""))
+        ax.set_xlabel("step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Collapse guard signals (label-free)")
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

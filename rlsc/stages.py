@@ -99,8 +99,9 @@ def sample_and_score_stage(cfg: Config, problems_path: str | Path, out_path: str
 
 def train_stage(cfg: Config, train_path: str | Path, out_dir: str | Path, *, resume: bool = False,
                 model=None, tokenizer=None, progress: bool = True, first_round: str | Path | None = None):
-    """Train on the questions of a problem file; writes metrics.jsonl, checkpoints/ and final/."""
-    from rlsc.report import plot_training
+    """Train on the questions of a problem file; writes metrics.jsonl, checkpoints/ and final/, the
+    training curves and (guard on) the collapse-guard signals as PNGs."""
+    from rlsc.report import plot_guard, plot_training
     from rlsc.trainer import train
 
     problems = load_problems(train_path)
@@ -109,6 +110,8 @@ def train_stage(cfg: Config, train_path: str | Path, out_dir: str | Path, *, res
                    first_round=first_round)
     (out_dir / "config.yaml").write_text(dump_config(cfg))
     plot_training(result.metrics_path, out_dir / "training.png")
+    if cfg.guard.enabled:
+        plot_guard(result.metrics_path, out_dir / "guard.png", cfg.guard)
     return result
 
 

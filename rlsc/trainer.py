@@ -7,6 +7,9 @@ samples into per-sample coefficients (the objective), runs forward/backward in m
 clips, and takes one AdamW step. One step per round is the paper's on-policy form.
 Checkpoints carry the trainable weights, the optimizer and the RNG state; with the round's
 rollouts file they let `resume` continue bit-for-bit on CPU.
+After each step the collapse guard (rlsc/guard.py) computes label-free collapse signals and applies
+the rules of `cfg.guard`: a warning is logged; a stop ends training with the current weights; a
+rollback ends it with the weights of the last round whose samples passed (healthy.safetensors).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -29,7 +33,8 @@ from rlsc import confidence as conf
 from rlsc.answers import canonical_answer, extract_answer, last_boxed
 from rlsc.config import Config, TrainConfig
 from rlsc.errors import RlscError
-from rlsc.objectives import entropy_loss, policy_gradient_loss, sample_coefficients
+from rlsc.guard import Firing, GuardState, collapse_signals, decisive, evaluate_rules
+from rlsc.objectives import entropy_loss, kl_penalty, policy_gradient_loss, sample_coefficients
 from rlsc.problems import Problem
 from rlsc.prompts import render_prompt
 from rlsc.sampling import (
@@ -40,7 +45,7 @@ from rlsc.sampling import (
     select_prompts,
     write_rollouts,
 )
-from rlsc.scoring import completion_token_logprobs
+from rlsc.scoring import _logits_full, completion_token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +73,47 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(folder: Path, step: int, model, optimizer, counters: dict) -> Path:
-    """Write checkpoint `step` atomically: a temp folder renamed into place once complete."""
+def write_trainable(model, path: Path) -> None:
+    """The trainable weights to `path`, atomically (a temp file renamed into place)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({n: p.detach().contiguous() for n, p in trainable_parameters(model).items()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_trainable(model, path: Path) -> None:
+    weights = load_file(path)
+    params = trainable_parameters(model)
+    if set(weights) != set(params):
+        raise RlscError(f"{path} does not match the model being trained (different trainable weights)")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the filesystem allows (the files are replaced, never rewritten in place)."""
+    if target.exists():
+        target.unlink()
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def save_checkpoint(folder: Path, step: int, model, optimizer, counters: dict,
+                    extra_files: tuple[Path, ...] = ()) -> Path:
+    """Write checkpoint `step` atomically: a temp folder renamed into place once complete.
+
+    `extra_files` (the guard's healthy weights) are kept in it too, so a resume restores them."""
     target = folder / f"step-{step:06d}"
     tmp = folder / f".step-{step:06d}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    weights = {n: p.detach().contiguous() for n, p in trainable_parameters(model).items()}
-    save_file(weights, tmp / "trainable.safetensors")
+    write_trainable(model, tmp / "trainable.safetensors")
+    for extra in extra_files:
+        if extra.is_file():
+            link_or_copy(extra, tmp / extra.name)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
     state = {"step": step, "python_random": _jsonable_random_state(), **counters}
@@ -98,13 +135,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
-    weights = load_file(path / "trainable.safetensors")
-    params = trainable_parameters(model)
-    if set(weights) != set(params):
-        raise RlscError(f"checkpoint {path} does not match the model being trained (different trainable weights)")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name])
+    load_trainable(model, path / "trainable.safetensors")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     torch.set_rng_state(load_file(path / "rng.safetensors")["torch"])
     state = json.loads((path / "state.json").read_text())
@@ -254,31 +285,62 @@ def question_coefficients(rollouts: Rollouts, q: int, answers: list[str | None],
     )
 
 
-def backward_on_rollouts(model, rollouts: Rollouts, answers, cfg: Config, backward) -> float:
-    """Accumulate the gradient of the step's loss (mean over questions); returns the loss value."""
+def policy_and_reference_logprobs(model, batch: dict[str, torch.Tensor], temperature: float):
+    """Tempered log-softmax over the vocabulary at each completion position [n, C, V]: the policy's
+    (with gradient) and the initial policy's, from the same micro-batch with the LoRA adapter
+    disabled (no second copy of the weights). scoring's completion_token_logprobs returns only the
+    sampled tokens' log-probs, so its full-row logits function is used directly."""
+    device = next(model.parameters()).device
+    batch = {name: t.to(device) for name, t in batch.items()}
+    logp = torch.log_softmax(_logits_full(model, **batch).float() / temperature, dim=-1)
+    with torch.no_grad(), model.disable_adapter():
+        ref_logp = torch.log_softmax(_logits_full(model, **batch).float() / temperature, dim=-1)
+    return logp, ref_logp
+
+
+def micro_batch_loss(model, batch, coefficients, n_tokens: int, temperature: float,
+                     kl_beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The objective's loss on one micro-batch (coefficients None: entropy minimisation), plus, with
+    kl_beta > 0, kl_beta times this micro-batch's share of the question's mean token KL; and that KL."""
+    mask = batch["completion_mask"]
+    kl = None
+    if kl_beta > 0:
+        logp, ref_logp = policy_and_reference_logprobs(model, batch, temperature)
+        mask = mask.to(logp.device)
+        token_logp = logp.gather(-1, batch["completion_ids"].to(logp.device)[..., None]).squeeze(-1) * mask
+        entropy = conf.token_entropy(logp) * mask
+        kl = kl_penalty(logp, ref_logp, mask, total_tokens=n_tokens)
+    else:
+        token_logp, entropy = completion_token_logprobs(model, **batch, temperature=temperature,
+                                                        with_entropy=coefficients is None)
+    if coefficients is None:
+        loss = entropy_loss(entropy, mask, total_tokens=n_tokens)
+    else:
+        loss = policy_gradient_loss(token_logp.sum(-1), coefficients)
+    return (loss if kl is None else loss + kl_beta * kl), kl
+
+
+def backward_on_rollouts(model, rollouts: Rollouts, answers, cfg: Config, backward) -> tuple[float, float | None]:
+    """Accumulate the gradient of the step's loss (mean over questions); returns the loss value and
+    the mean token KL to the initial policy (None without a KL penalty)."""
     train = cfg.train
-    total = 0.0
+    total, kl_total = 0.0, 0.0
     for q in range(rollouts.num_prompts):
         coefficients = question_coefficients(rollouts, q, answers, train)
         lengths = rollouts.lengths[rollouts.rows(q)]
         # shortest first, so each micro-batch is trimmed to similar lengths (the loss is a sum over samples)
         order = torch.argsort(lengths, stable=True)
         for chunk in torch.split(order, train.micro_batch):
-            rows = q * rollouts.k + chunk
-            batch = trimmed(rollouts, rows)
-            token_logp, entropy = completion_token_logprobs(
-                model, **batch, temperature=rollouts.temperature, with_entropy=coefficients is None
-            )
-            if coefficients is None:
-                loss = entropy_loss(entropy, batch["completion_mask"], total_tokens=int(lengths.sum()))
-            else:
-                loss = policy_gradient_loss(token_logp.sum(-1), coefficients[chunk])
+            batch = trimmed(rollouts, q * rollouts.k + chunk)
+            loss, kl = micro_batch_loss(model, batch, None if coefficients is None else coefficients[chunk],
+                                        int(lengths.sum()), rollouts.temperature, train.kl_beta)
             loss = loss / rollouts.num_prompts
             if not torch.isfinite(loss):
-                return float("nan")
+                return float("nan"), None
             backward(loss)
             total += float(loss.detach())
-    return total
+            kl_total += 0.0 if kl is None else float(kl.detach()) / rollouts.num_prompts
+    return total, (kl_total if train.kl_beta > 0 else None)
 
 
 def rollout_metrics(rollouts: Rollouts, answers: list[str | None]) -> dict[str, float]:
@@ -307,6 +369,92 @@ def rollout_metrics(rollouts: Rollouts, answers: list[str | None]) -> dict[str, 
     }
 
 
+# ---------------------------------------------------------------- the collapse guard in the loop
+
+HEALTHY = "healthy.safetensors"
+ROUND_START = "round-start.safetensors"
+
+
+class LoopGuard:
+    """The collapse guard's part of the loop: every step's signals and rules, and the healthy weights.
+
+    healthy.safetensors holds the trainable weights at the start of the last round all of whose steps
+    passed: those weights drew samples that passed, whereas the weights after a passing step are not
+    judged until their own samples are (the next round). round-start.safetensors holds the current
+    round's weights until the round passes. Before any round has passed both hold the starting
+    weights, so a rollback in the first round returns the run to where it began.
+    """
+
+    def __init__(self, cfg: Config, output_dir: Path, saved_state: dict | None):
+        self.cfg = cfg.guard
+        self.few_shot_answers = [example.answer for example in cfg.prompt.few_shot]
+        self.state = GuardState.from_dict(saved_state, cfg.guard.baseline_steps)
+        self.output_dir = output_dir
+        self.healthy, self.round_start = output_dir / HEALTHY, output_dir / ROUND_START
+        self.signals: dict[str, float] = {}
+        self.firings: list[Firing] = []
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return self.healthy, self.round_start
+
+    def begin(self, policy, start_step: int, checkpoint: Path | None, resumed_state: bool) -> None:
+        """The fallback weights: a resumed checkpoint's copies, else the weights training starts from."""
+        if checkpoint is not None and resumed_state and (checkpoint / HEALTHY).is_file():
+            for path in self.files:
+                if (checkpoint / path.name).is_file():
+                    link_or_copy(checkpoint / path.name, path)
+            return
+        self.state.healthy_step = start_step
+        write_trainable(policy, self.healthy)
+        write_trainable(policy, self.round_start)
+
+    def round_begins(self, policy) -> None:
+        write_trainable(policy, self.round_start)
+
+    def check(self, step: int, record: dict[str, Any], rollouts: Rollouts, answers, grad_norm: float) -> Firing | None:
+        """Merge the step's signals into its metrics record and log warnings; returns the firing that
+        ends training (stop or rollback), or None."""
+        self.signals = collapse_signals(rollouts, answers, self.few_shot_answers, grad_norm, self.state)
+        self.firings = evaluate_rules(self.signals, self.cfg)
+        record.update(self.signals)
+        warnings = [f for f in self.firings if f.action == "warn"]
+        for f in warnings:
+            log.warning("step %d: collapse guard warning: %s", step, f.describe())
+        if warnings:
+            record["guard/warnings"] = ",".join(f.signal for f in warnings)
+        ending = decisive(self.firings)
+        if ending is not None:
+            record.update({"guard/fired": ending.signal, "guard/action": ending.action,
+                           "guard/value": ending.value, "guard/threshold": ending.threshold})
+            if ending.action == "rollback":
+                record["guard/rolled_back_to_step"] = self.state.healthy_step
+        return ending
+
+    def passed(self, rollouts: Rollouts, grad_norm: float, round_first_step: int, round_done: bool) -> None:
+        """A step that passed: it shapes the baselines; the round's weights become healthy once every
+        step of the round has passed."""
+        self.state.observe_healthy(rollouts, grad_norm)
+        if round_done:
+            os.replace(self.round_start, self.healthy)
+            self.state.healthy_step = round_first_step
+
+    def conclude(self, firing: Firing, step: int, policy) -> dict[str, Any]:
+        """Act on the firing (rollback: load the healthy weights into `policy`) and write guard.json."""
+        restored = None
+        if firing.action == "rollback":
+            load_trainable(policy, self.healthy)
+            restored = {"file": HEALTHY, "step": self.state.healthy_step,
+                        "what": f"the trainable weights at the start of step {self.state.healthy_step}, "
+                                "the last round whose samples all passed the guard"}
+        kept = "restored the last healthy weights" if restored else "kept the current weights"
+        summary = {"reason": f"{firing.describe()} ({firing.action}: {kept})", "step": step, **firing.as_dict(),
+                   "restored": restored, "firings": [f.as_dict() for f in self.firings], "signals": self.signals}
+        (self.output_dir / "guard.json").write_text(json.dumps(summary, indent=1))
+        log.warning("step %d: collapse guard %s: %s", step, firing.action, summary["reason"])
+        return summary
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -317,6 +465,8 @@ class TrainResult:
     metrics_path: Path
     steps_done: int
     skipped_steps: int
+    guard_fired: dict | None = None  # guard.json's content when a stop or rollback ended training
+    rolled_back_to_step: int | None = None  # the final weights are those at the start of this step
 
 
 def train(
@@ -355,21 +505,30 @@ def train(
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params.values(), lr=t.lr, weight_decay=t.weight_decay, betas=t.betas)
+    if t.kl_beta > 0 and not hasattr(model, "disable_adapter"):
+        raise RlscError(
+            f"train.kl_beta={t.kl_beta} needs a LoRA model (model.lora.enabled=true): the reference policy is "
+            "the same model with its adapter disabled; full fine-tuning would need a second copy of the weights"
+        )
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)
     prompts = [render_prompt(tokenizer, p.question, cfg.prompt) for p in problems]
     ids = [p.id for p in problems]
     first_round = Path(first_round) if first_round else None
 
-    start_step, counters = 0, {"skipped_steps": 0, "nonfinite_streak": 0}
+    start_step, counters = 0, {"skipped_steps": 0, "nonfinite_streak": 0, "guard": None}
     last = latest_checkpoint(checkpoints) if resume else None
     if resume and last is None:
         log.warning("--resume: no checkpoint in %s, starting from step 0", checkpoints)
     if last is not None:
         state = load_checkpoint(last, policy, optimizer)
         start_step = state.pop("step") + 1
-        counters = {k: state[k] for k in counters}
+        counters = {k: state.get(k, default) for k, default in counters.items()}
     metrics = MetricsLog(output_dir / "metrics.jsonl", keep_before_step=start_step)
+    guard = LoopGuard(cfg, output_dir, counters["guard"]) if cfg.guard.enabled else None
+    if guard is not None:
+        guard.begin(policy, start_step, last, resumed_state=counters["guard"] is not None)
+    firing = None
 
     bar = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc="rlsc train",
                disable=not progress, dynamic_ncols=True)
@@ -384,6 +543,8 @@ def train(
                 first_round=first_round,
             )
             sample_seconds = time.perf_counter() - step_start
+            if guard is not None and offset == 0:
+                guard.round_begins(policy)  # the weights that drew this round's samples
         q = t.questions_per_step
         mine = list(range(offset * q, (offset + 1) * q))
         rollouts = select_prompts(round_rollouts, mine)
@@ -391,7 +552,7 @@ def train(
 
         update_start = time.perf_counter()
         model.train()
-        loss = backward_on_rollouts(model, rollouts, answers, cfg, accelerator.backward)
+        loss, kl = backward_on_rollouts(model, rollouts, answers, cfg, accelerator.backward)
         grad_norm = float(accelerator.clip_grad_norm_(list(params.values()), t.max_grad_norm))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
@@ -409,6 +570,10 @@ def train(
                   "skipped_steps": counters["skipped_steps"], "time/sample": sample_seconds,
                   "time/update": now - update_start, "time/step": now - step_start}
         record["tokens_per_s"] = record["completions/tokens"] / record["time/step"]
+        if kl is not None:
+            record["kl"] = kl
+        if guard is not None:
+            firing = guard.check(step, record, rollouts, answers, grad_norm)
         metrics.write(record)
         bar.set_postfix(loss=f"{loss:.3g}", p_old=f"{record['weights/mean']:.2f}",
                         len=f"{record['completions/mean_length']:.0f}", distinct=f"{record['answers/distinct']:.1f}")
@@ -419,9 +584,20 @@ def train(
                     f"training aborted at step {step}: {counters['nonfinite_streak']} non-finite losses in a row "
                     f"(try a lower train.lr or model.dtype=float32); metrics in {metrics.path}"
                 )
+        if firing is not None:
+            break  # no checkpoint of a step that fired: a resume redoes it
+        if guard is not None:
+            # a round cut short by train.steps is never promoted: a longer resumed run must judge alike
+            guard.passed(rollouts, grad_norm, round_first_step=step - offset,
+                         round_done=offset + 1 == t.steps_per_round)
+            counters["guard"] = guard.state.to_dict()
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
-            save_checkpoint(checkpoints, step, policy, optimizer, counters)
+            save_checkpoint(checkpoints, step, policy, optimizer, counters, guard.files if guard else ())
             prune_checkpoints(checkpoints, keep=2)
 
+    summary = guard.conclude(firing, step, policy) if firing is not None else None  # a rollback loads weights
     final_dir = save_trained(policy, tokenizer, output_dir / "final")
-    return TrainResult(output_dir, final_dir, metrics.path, t.steps, counters["skipped_steps"])
+    restored = summary["restored"] if summary else None
+    return TrainResult(output_dir, final_dir, metrics.path, step + 1 if summary else t.steps,
+                       counters["skipped_steps"], guard_fired=summary,
+                       rolled_back_to_step=restored["step"] if restored else None)
