@@ -35,6 +35,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, out_png: str | Path) -> Path:
+    """Lay out, write the PNG (making its folder) and free the figure."""
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
 def plot_training(metrics_path: str | Path, out_png: str | Path) -> Path:
     """One small panel per per-step metric, against the step."""
     plt = _pyplot()
@@ -47,12 +57,7 @@ def plot_training(metrics_path: str | Path, out_png: str | Path) -> Path:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.suptitle("RLSC training (label-free signals)")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save(plt, fig, out_png)
 
 
 ACTION_COLOURS = {"warn": "tab:orange", "stop": "tab:red", "rollback": "tab:purple"}
@@ -82,12 +87,7 @@ def plot_guard(metrics_path: str | Path, out_png: str | Path, guard: GuardConfig
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     fig.suptitle("Collapse guard signals (label-free)")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save(plt, fig, out_png)
 
 
 def plot_eval(before: dict, after: dict, out_png: str | Path) -> Path:
