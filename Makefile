@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RLSC := $(VENV)/bin/rlsc
-EXTRAS ?= pipeline,dev
+EXTRAS ?= pipeline,bench,dev
 
 export HF_HUB_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1

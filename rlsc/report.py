@@ -60,6 +60,22 @@ def plot_training(metrics_path: str | Path, out_png: str | Path) -> Path:
     return _save(plt, fig, out_png)
 
 
+def plot_probe(probe_path: str | Path, out_png: str | Path, title: str = "held-out probe") -> Path:
+    """Greedy accuracy on the probe problems against optimizer steps done, with its 95% interval."""
+    plt = _pyplot()
+    rows = [json.loads(line) for line in Path(probe_path).read_text().splitlines() if line.strip()]
+    steps = [r["steps_done"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, [100 * r["accuracy"] for r in rows], marker="o")
+    ax.fill_between(steps, [100 * r["ci_low"] for r in rows], [100 * r["ci_high"] for r in rows], alpha=0.2)
+    ax.set_xlabel("optimizer steps done")
+    ax.set_ylabel(f"greedy pass@1 % (n = {rows[0]['n']})")
+    ax.set_title(title)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, out_png)
+
+
 ACTION_COLOURS = {"warn": "tab:orange", "stop": "tab:red", "rollback": "tab:purple"}
 
 

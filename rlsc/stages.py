@@ -101,8 +101,8 @@ def train_stage(cfg: Config, train_path: str | Path, out_dir: str | Path, *, res
                 model=None, tokenizer=None, progress: bool = True, first_round: str | Path | None = None):
     """Train on the questions of a problem file; writes metrics.jsonl, checkpoints/ and final/, the
     training curves and (guard on) the collapse-guard signals as PNGs."""
-    from rlsc.report import plot_guard, plot_training
-    from rlsc.trainer import train
+    from rlsc.report import plot_guard, plot_probe, plot_training
+    from rlsc.trainer import PROBE_FILE, train
 
     problems = load_problems(train_path)
     out_dir = Path(out_dir)
@@ -112,6 +112,8 @@ def train_stage(cfg: Config, train_path: str | Path, out_dir: str | Path, *, res
     plot_training(result.metrics_path, out_dir / "training.png")
     if cfg.guard.enabled:
         plot_guard(result.metrics_path, out_dir / "guard.png", cfg.guard)
+    if (out_dir / PROBE_FILE).is_file():
+        plot_probe(out_dir / PROBE_FILE, out_dir / "probe.png")
     return result
 
 
@@ -123,8 +125,9 @@ def compare_stage(before_dir: str | Path, after_dir: str | Path, cfg: Config) ->
                    samples=cfg.eval.bootstrap_samples, seed=cfg.eval.seed)
 
 
-def report_stage(cfg: Config, before: dict, after: dict, paired: dict, training_png: Path | None) -> Path:
-    """Write report/report.md with the before/after table and the plots; returns its path."""
+def report_stage(cfg: Config, before: dict, after: dict, paired: dict) -> Path:
+    """Write report/report.md with the before/after table, the guard's outcome and the plots (those of
+    the train stage that exist); returns its path."""
     from rlsc.evaluate import write_json
     from rlsc.report import before_after_table, plot_eval
 
@@ -138,8 +141,15 @@ def report_stage(cfg: Config, before: dict, after: dict, paired: dict, training_
              f"weighting {cfg.train.weighting}), k {cfg.sampling.k}, T {cfg.sampling.temperature}, "
              f"{cfg.train.steps} steps at lr {cfg.train.lr}, {tuning}")
     lines = ["# RLSC run report", "", setup, "", table, "", "![eval](eval.png)"]
-    if training_png is not None:
-        lines += ["", f"![training]({Path('..') / training_png.relative_to(work_path(cfg))})"]
+    guard_file = work_path(cfg, "train", "guard.json")
+    if guard_file.is_file():
+        from rlsc.tracking import guard_note
+
+        lines += ["", f"**{guard_note(_read_json(guard_file))}.**"]
+    train_dir = work_path(cfg, "train")
+    for figure in ("training", "guard", "probe"):
+        if (train_dir / f"{figure}.png").is_file():
+            lines += ["", f"![{figure}](../train/{figure}.png)"]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -152,9 +162,8 @@ def report_from_files(cfg: Config) -> Path:
     before = json.loads(work_path(cfg, "eval", "base", "metrics.json").read_text())
     after = json.loads(work_path(cfg, "eval", "trained", "metrics.json").read_text())
     paired = compare_stage(work_path(cfg, "eval", "base"), work_path(cfg, "eval", "trained"), cfg)
-    training_png = work_path(cfg, "train", "training.png")
     _write_dvc_plots(cfg, before, after)
-    return report_stage(cfg, before, after, paired, training_png if training_png.is_file() else None)
+    return report_stage(cfg, before, after, paired)
 
 
 def _write_dvc_plots(cfg: Config, before: dict, after: dict) -> None:
@@ -216,7 +225,10 @@ def register_stage(cfg: Config) -> dict[str, Any]:
             mlflow.log_artifacts(str(report), artifact_path="report")
         uri = tracking.log_model(work_path(cfg, "train", "final"), resolve_model_path(cfg.model, cfg.paths.cache_dir),
                                  eval_q[:2])
-        decision = tracking.register_and_gate(cfg, run.info.run_id, uri, records["trained"], records["base"])
+        guard_file = work_path(cfg, "train", "guard.json")
+        guard_summary = _read_json(guard_file) if guard_file.is_file() else None
+        decision = tracking.register_and_gate(cfg, run.info.run_id, uri, records["trained"], records["base"],
+                                              guard_summary)
     result = dc.asdict(decision)
     write_json(work_path(cfg, "registry", "decision.json"), result)
     return result

@@ -380,6 +380,30 @@ class GateDecision:
     decision: str  # "champion" or "challenger"
     reason: str
     comparison: dict[str, Any] = field(default_factory=dict)
+    guard: str | None = None  # what the collapse guard did to the weights registered, when it acted
+
+
+def guard_note(summary: dict[str, Any] | None) -> str | None:
+    """One sentence on what the collapse guard did (train/guard.json), or None when it never ended training."""
+    if not summary:
+        return None
+    restored = summary.get("restored")
+    if restored:
+        return (f"collapse guard rolled back at step {summary['step']} ({summary['reason']}): this version holds "
+                f"the healthy weights from the start of step {restored['step']}, not the collapsed ones")
+    return f"collapse guard stopped training at step {summary['step']} ({summary['reason']}): current weights kept"
+
+
+def guard_tags(summary: dict[str, Any] | None) -> dict[str, str]:
+    """guard.* tags for the run and the model version: outcome, signal, value, threshold, step, restored step."""
+    if not summary:
+        return {"guard.outcome": "passed"}
+    tags = {"guard.outcome": summary["action"], "guard.signal": summary["signal"],
+            "guard.value": f"{summary['value']:.4g}", "guard.threshold": f"{summary['threshold']:g}",
+            "guard.step": str(summary["step"]), "guard.note": guard_note(summary)}
+    if summary.get("restored"):
+        tags["guard.restored_step"] = str(summary["restored"]["step"])
+    return tags
 
 
 def _aliases(client, name: str) -> dict[str, str]:
@@ -444,9 +468,11 @@ def _gate_tags(decision: GateDecision, target_name: str, previous: str | None) -
 
 
 def register_and_gate(cfg: Config, run_id: str, model_uri: str, candidate_records: list[dict],
-                      baseline_records: list[dict]) -> GateDecision:
+                      baseline_records: list[dict], guard_summary: dict[str, Any] | None = None) -> GateDecision:
     """Register a new version and give it `champion` (beats the champion, or the base model when
     there is none, by more than the margin) or `challenger`; the evidence goes on version and run.
+    With `guard_summary` (train/guard.json), the guard's outcome is tagged and, for a rollback, the
+    version's description says it holds the healthy weights.
 
     The run should carry its records at eval/trained/problems.jsonl (`log_evaluation(..., "trained",
     ...)`): the next candidate is compared with them if this version becomes the champion."""
@@ -467,7 +493,10 @@ def register_and_gate(cfg: Config, run_id: str, model_uri: str, candidate_record
     client.set_registered_model_alias(name, decision.decision, version)
     from mlflow.entities import RunTag
 
-    tags = _gate_tags(decision, target_name, previous)
+    decision.guard = guard_note(guard_summary)
+    if decision.guard:
+        client.update_model_version(name, version, description=decision.guard)
+    tags = {**_gate_tags(decision, target_name, previous), **guard_tags(guard_summary)}
     for key, value in tags.items():  # the registry has no batch call for version tags
         client.set_model_version_tag(name, version, key, value)
     tags["registry.version"] = f"{name}/{version}"

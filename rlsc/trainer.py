@@ -361,6 +361,7 @@ def rollout_metrics(rollouts: Rollouts, answers: list[str | None]) -> dict[str, 
         "confidence/self_certainty": float(conf.masked_mean(rollouts.token_self_certainty, mask)),
         "entropy": float(conf.masked_mean(rollouts.token_entropy, mask)),
         "completions/mean_length": float(rollouts.lengths.float().mean()),
+        "completions/max_length": int(rollouts.lengths.max()),
         "completions/clipped_ratio": float((~rollouts.stopped).float().mean()),
         "completions/tokens": n_tokens,
         "answers/distinct": sum(conf.distinct_answers(k) for k in keys) / len(keys),
@@ -455,6 +456,44 @@ class LoopGuard:
         return summary
 
 
+# ---------------------------------------------------------------- the probe: held-out accuracy during training
+
+PROBE_FILE = "probe.jsonl"
+
+
+class Probe:
+    """Greedy accuracy on a few held-out problems before training and every `train.probe_every` steps.
+
+    A monitor only (the gold answers never reach the objective): it shows when accuracy peaks or
+    falls, the question label-free signals cannot answer. One line per probe in probe.jsonl, keyed
+    by the number of optimizer steps done; the step's metrics record gets probe/accuracy too.
+    """
+
+    def __init__(self, cfg: Config, output_dir: Path):
+        from rlsc.data import load_problems
+
+        t = cfg.train
+        self.cfg, self.every, self.path = cfg, t.probe_every, output_dir / PROBE_FILE
+        self.problems = load_problems(t.probe_problems, require_answer=True, limit=t.probe_limit,
+                                      seed=cfg.data.subset_seed)
+
+    def due(self, steps_done: int) -> bool:
+        return steps_done % self.every == 0
+
+    def run(self, policy, tokenizer, steps_done: int) -> dict[str, Any]:
+        from rlsc.evaluate import evaluate
+
+        metrics, _ = evaluate(policy, tokenizer, self.problems, self.cfg, progress=False)
+        acc = metrics["pass@1"]
+        line = {"steps_done": steps_done, "accuracy": acc["value"], "correct": acc["correct"], "n": acc["n"],
+                "ci_low": acc["ci_low"], "ci_high": acc["ci_high"], "mean_length": metrics["mean_length"]}
+        kept = [json.loads(x) for x in self.path.read_text().splitlines()] if self.path.is_file() else []
+        kept = [x for x in kept if x["steps_done"] < steps_done]  # a resumed run redoes later probes
+        self.path.write_text("".join(json.dumps(x) + "\n" for x in [*kept, line]))
+        log.info("probe after %d steps: %d/%d correct", steps_done, acc["correct"], acc["n"])
+        return line
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -529,6 +568,9 @@ def train(
     if guard is not None:
         guard.begin(policy, start_step, last, resumed_state=counters["guard"] is not None)
     firing = None
+    probe = Probe(cfg, output_dir) if t.probe_every and t.probe_problems else None
+    if probe is not None and start_step == 0:
+        probe.run(policy, tokenizer, steps_done=0)
 
     bar = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc="rlsc train",
                disable=not progress, dynamic_ncols=True)
@@ -574,6 +616,8 @@ def train(
             record["kl"] = kl
         if guard is not None:
             firing = guard.check(step, record, rollouts, answers, grad_norm)
+        if probe is not None and probe.due(step + 1):
+            record["probe/accuracy"] = probe.run(policy, tokenizer, steps_done=step + 1)["accuracy"]
         metrics.write(record)
         bar.set_postfix(loss=f"{loss:.3g}", p_old=f"{record['weights/mean']:.2f}",
                         len=f"{record['completions/mean_length']:.0f}", distinct=f"{record['answers/distinct']:.1f}")

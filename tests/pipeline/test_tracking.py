@@ -106,6 +106,27 @@ def test_first_version_beats_baseline_and_becomes_champion(cfg, tmp_path):
     assert not (tmp_path / "mlruns").exists()
 
 
+def test_a_rolled_back_run_registers_its_healthy_weights_and_says_so(cfg):
+    import mlflow
+
+    guard = {"step": 3, "signal": "length_ratio", "action": "rollback", "value": 0.41, "threshold": 0.6,
+             "reason": "length_ratio = 0.41 is below its threshold 0.6 (rollback: restored the last healthy weights)",
+             "restored": {"file": "healthy.safetensors", "step": 1}}
+    run_id, uri = candidate(cfg, records(30))
+    d = tracking.register_and_gate(cfg, run_id, uri, records(30), records(20), guard)
+    assert "rolled back at step 3" in d.guard and "healthy weights from the start of step 1" in d.guard
+    client = mlflow.MlflowClient()
+    version = client.get_model_version(cfg.registry.model_name, d.version)
+    assert version.description == d.guard
+    assert version.tags["guard.outcome"] == "rollback" and version.tags["guard.restored_step"] == "1"
+    assert version.tags["guard.signal"] == "length_ratio" and version.tags["guard.step"] == "3"
+    assert client.get_run(run_id).data.tags["guard.note"] == d.guard
+    # a run the guard never stopped says so too
+    run_id, uri = candidate(cfg, records(30))
+    d = tracking.register_and_gate(cfg, run_id, uri, records(30), records(20))
+    assert d.guard is None and client.get_run(run_id).data.tags["guard.outcome"] == "passed"
+
+
 def test_worse_than_champion_is_challenger_and_champion_stays(cfg):
     gate(cfg, correct=50)
     _, d = gate(cfg, correct=20)

@@ -54,6 +54,16 @@ def test_cross_question_identical_share():
     assert cross_question_identical_share(["a", "a", "a"], k=3) == 0.0  # one question
 
 
+def test_cross_question_identical_share_remembers_recent_steps():
+    # one question per step: the step alone has nothing to compare with; its texts are compared with
+    # the completions the last steps gave to OTHER questions. 2 of the 3 samples of question "B" repeat
+    # what question "A" got a step earlier; the same question again ("B" before) is not "other".
+    recent = [["A", "same text"], ["B", "b's own"]]
+    texts = ["same   text", "same text", "b's own"]
+    assert cross_question_identical_share(texts, k=3, question_keys=["B"], recent=recent) == pytest.approx(2 / 3)
+    assert cross_question_identical_share(texts, k=3, question_keys=["B"]) == 0.0
+
+
 def test_few_shot_copy_rate():
     reference = ["One two three four five"]
     # 4-grams of the first sample: (one two three four) is in the example, the other 2 are not -> 1/3;

@@ -159,3 +159,18 @@ def test_training_with_gradient_checkpointing(tmp_path, lora):
     before = _weights(model)
     train(cfg, PROBLEMS, tmp_path / "ckpt", model=model, tokenizer=tok, progress=False)
     assert any(not torch.equal(p, before[n]) for n, p in _weights(model).items())
+
+
+def test_probe_scores_held_out_problems_before_and_every_n_steps(tmp_path):
+    probe_file = tmp_path / "probe.jsonl"
+    probe_file.write_text("".join(json.dumps({"id": f"p{i}", "question": f"What is {i} + 1?", "answer": str(i + 1)})
+                                  + "\n" for i in range(3)))
+    cfg = _cfg(tmp_path, f"train.probe_problems={probe_file}", "train.probe_every=2", "eval.max_new_tokens=4")
+    model, tok = _fresh_policy(False)
+    result = train(cfg, PROBLEMS, tmp_path / "run", model=model, tokenizer=tok, progress=False)
+    lines = [json.loads(line) for line in (result.output_dir / "probe.jsonl").read_text().splitlines()]
+    assert [x["steps_done"] for x in lines] == [0, 2, 4]
+    assert all(x["n"] == 3 and 0 <= x["accuracy"] <= 1 for x in lines)
+    records = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    assert ["probe/accuracy" in r for r in records] == [False, True, False, True]
+    assert records[1]["probe/accuracy"] == lines[1]["accuracy"]  # the record says what the file says

@@ -1,0 +1,291 @@
+"""Quality: does RLSC help, or does it merely lower the temperature? Base vs trained, with controls.
+
+Protocol (issue 4), on the configured model (default: the embedded Qwen2.5-Coder-0.5B, the main
+job's settings from params.yaml):
+- train label-free on a seeded subset of GSM8K *train* questions (answers stripped; the leakage
+  contract runs against every eval set first);
+- eval sets: `generated` (128 held-out generated problems) and `gsm8k` (a seeded subset of the GSM8K
+  *test* split, 200 by default);
+- base model: greedy pass@1 (the temperature -> 0 control) on each set, and on the first
+  `--maj-n` problems 16 samples at the training temperature: sample accuracy, maj@16, pass@16;
+- arms, each trained on the same questions for the same steps: the paper's L2 (alpha 0.1), L1,
+  a signal-preserving variant (per-token geometric-mean weights) and peer objectives (entropy
+  minimisation, the majority-vote reward); each evaluated greedily with the paired bootstrap
+  against the base model, and probed on held-out problems every few steps (accuracy per step);
+- collapse flags per arm from the label-free signals (entropy and length against the first steps,
+  distinct answers, the guard's warnings).
+
+Every stage is skipped when its output exists, so arms can be added one at a time:
+    python -m bench.quality --arms rlsc-l2                  # then --arms rlsc-l1 ... and --summary-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED_DATA = HERE.parent.parent / "shared" / "data"
+
+ARMS = {
+    "rlsc-l2": ["train.objective=rlsc", "train.alpha=0.1", "train.weighting=sequence"],
+    "rlsc-l1": ["train.objective=rlsc", "train.alpha=0.0", "train.weighting=sequence"],
+    # weights exp(mean_t log p_old): stay O(1) on long completions, where p_old(y) vanishes
+    "rlsc-l2-token-mean": ["train.objective=rlsc", "train.alpha=0.1", "train.weighting=token_mean"],
+    "entropy": ["train.objective=entropy"],
+    "majority-vote": ["train.objective=majority_vote"],
+}
+
+
+def eval_sources(args) -> dict[str, tuple[str, int | None]]:
+    return {"generated": (args.generated, None), "gsm8k": (str(SHARED_DATA / "gsm8k" / "test.jsonl"), args.gsm8k_n)}
+
+
+def base_config(args, *extra: str):
+    from rlsc.config import load_config
+
+    return load_config(args.config or None, [f"paths.work_dir={args.work}", *args.set, *extra])
+
+
+# ---------------------------------------------------------------- stages
+
+
+def prepare(args) -> dict[str, Path]:
+    """Train questions (label-free) and the eval sets as files under <work>/data; leakage checked."""
+    from rlsc.checks import run_data_checks
+    from rlsc.data import load_problems
+    from rlsc.problems import write_problems
+
+    cfg = base_config(args)
+    data = Path(args.work) / "data"
+    train = load_problems(str(SHARED_DATA / "gsm8k" / "train.jsonl"), limit=args.train_n or
+                          cfg.train.steps * cfg.train.questions_per_step, seed=args.seed)
+    paths = {"train": write_problems(data / "train.jsonl", [dataclasses.replace(p, answer=None) for p in train])}
+    for name, (source, limit) in eval_sources(args).items():
+        if name not in args.sets:
+            continue
+        problems = load_problems(source, require_answer=True, limit=limit, seed=args.seed,
+                                 exclude={p.question for p in train})
+        paths[name] = write_problems(data / f"eval-{name}.jsonl", problems)
+        paths[f"{name}-k"] = write_problems(data / f"eval-{name}-k.jsonl", problems[: args.maj_n])
+        run_data_checks(paths["train"], paths[name], cfg.checks, Path(args.work) / "checks" / name)
+    return paths
+
+
+def evaluate_once(args, cfg, problems: Path, out: Path, trained: Path | None = None) -> dict:
+    from rlsc.stages import evaluate_stage
+
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    print(f"[{time.strftime('%H:%M:%S')}] evaluate {trained or 'base'} on {problems.name}", file=sys.stderr)
+    return evaluate_stage(cfg, problems, out, trained=trained, progress=not args.quiet)
+
+
+def train_arm(args, arm: str, paths: dict[str, Path]) -> Path:
+    from rlsc.stages import train_stage
+
+    out = Path(args.work) / "train" / arm
+    if (out / "final" / ".done").is_file():
+        return out / "final"
+    probe = paths.get("generated")
+    cfg = base_config(args, *ARMS[arm], *([f"train.probe_problems={probe}", f"train.probe_every={args.probe_every}",
+                                           f"train.probe_limit={args.probe_n}"] if probe and args.probe_every else []))
+    print(f"[{time.strftime('%H:%M:%S')}] train {arm}", file=sys.stderr)
+    result = train_stage(cfg, paths["train"], out, progress=not args.quiet)
+    (result.final_dir / ".done").touch()
+    return result.final_dir
+
+
+def run(args) -> None:
+    paths = prepare(args)
+    cfg = base_config(args)
+    for name in args.sets:
+        evaluate_once(args, cfg, paths[name], Path(args.work) / "eval" / "base" / name)
+        if args.maj_n:
+            sampled = base_config(args, f"eval.k={args.k}")
+            evaluate_once(args, sampled, paths[f"{name}-k"], Path(args.work) / "eval" / f"base-k{args.k}" / name)
+    for arm in args.arms:
+        final = train_arm(args, arm, paths)
+        for name in args.sets:
+            evaluate_once(args, base_config(args, *ARMS[arm]), paths[name], Path(args.work) / "eval" / arm / name,
+                          trained=final)
+
+
+# ---------------------------------------------------------------- the summary
+
+
+def collapse_flags(metrics_path: Path) -> list[str]:
+    """Label-free warning signs over a training run: what a user would want flagged before trusting it."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return ["no steps"]
+    first, last = rows[0], rows[-1]
+    flags = []
+    if first.get("entropy") and last["entropy"] < 0.2 * first["entropy"]:
+        flags.append(f"entropy {first['entropy']:.3f} -> {last['entropy']:.3f}")
+    if last["completions/mean_length"] < 0.5 * first["completions/mean_length"]:
+        flags.append(f"length {first['completions/mean_length']:.0f} -> {last['completions/mean_length']:.0f}")
+    if last.get("guard/cross_question_identical", 0.0) > 0.2:
+        flags.append(f"identical completions across questions {last['guard/cross_question_identical']:.2f}")
+    warned = sorted({w for r in rows for w in r.get("guard/warnings", "").split(",") if w})
+    if warned:
+        flags.append("guard warnings: " + ", ".join(warned))
+    fired = [r for r in rows if "guard/fired" in r]
+    if fired:
+        flags.append(f"guard {fired[0]['guard/action']} at step {fired[0]['step']} ({fired[0]['guard/fired']})")
+    return flags
+
+
+def _metrics(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def summarize(args) -> dict:
+    from rlsc.evaluate import compare, read_records
+
+    work = Path(args.work)
+    summary: dict = {"sets": {}, "arms": {}}
+    for name in eval_sources(args):
+        base = _metrics(work / "eval" / "base" / name / "metrics.json")
+        if base is None:
+            continue
+        entry = {"base": base, "base_sampled": _metrics(work / "eval" / f"base-k{args.k}" / name / "metrics.json"),
+                 "arms": {}}
+        for arm in ARMS:
+            trained = _metrics(work / "eval" / arm / name / "metrics.json")
+            if trained is None:
+                continue
+            diff = compare(read_records(work / "eval" / "base" / name / "problems.jsonl"),
+                           read_records(work / "eval" / arm / name / "problems.jsonl"), seed=0)
+            entry["arms"][arm] = {"metrics": trained, "paired": diff}
+        summary["sets"][name] = entry
+    for arm, overrides in ARMS.items():
+        run_dir = work / "train" / arm
+        if (run_dir / "metrics.jsonl").is_file():
+            probe = run_dir / "probe.jsonl"
+            summary["arms"][arm] = {
+                "overrides": overrides, "flags": collapse_flags(run_dir / "metrics.jsonl"),
+                "probe": [json.loads(x) for x in probe.read_text().splitlines()] if probe.is_file() else []}
+    return summary
+
+
+def _pct(m: dict) -> str:
+    return f"{100 * m['value']:.1f} [{100 * m['ci_low']:.1f}, {100 * m['ci_high']:.1f}] ({m.get('correct', '')}/{m['n']})"
+
+
+def markdown(summary: dict, args) -> str:
+    lines = []
+    for name, entry in summary["sets"].items():
+        base = entry["base"]
+        lines += [f"### {name} (n = {base['pass@1']['n']})", "",
+                  ("| model | greedy pass@1 % [95% CI] | paired diff vs base, pts [95% CI] | mean confidence | "
+                  "mean length | truncated |"), "|---|---|---|---|---|---|",
+                  (f"| base | {_pct(base['pass@1'])} | – | {base['mean_confidence']:.3f} | {base['mean_length']:.1f} | "
+                  f"{100 * base['truncated_share']:.1f}% |")]
+        for arm, result in entry["arms"].items():
+            m, d = result["metrics"], result["paired"]
+            lines.append(f"| {arm} | {_pct(m['pass@1'])} | {100 * d['difference']:+.1f} [{100 * d['ci_low']:+.1f}, "
+                         f"{100 * d['ci_high']:+.1f}] | {m['mean_confidence']:.3f} | {m['mean_length']:.1f} | "
+                         f"{100 * m['truncated_share']:.1f}% |")
+        sampled = entry.get("base_sampled")
+        if sampled:
+            k = args.k
+            lines += ["", (f"Base model, {k} samples at T {base_config(args).eval.temperature:g} on the first "
+                      f"{sampled['pass@1']['n']} problems: greedy {_pct(sampled['pass@1'])}, sample accuracy "
+                      f"{100 * sampled['sample_accuracy']['value']:.1f}%, maj@{k} {_pct(sampled[f'maj@{k}'])}, "
+                      f"pass@{k} {100 * sampled[f'pass@{k}']['value']:.1f}%.")]
+        lines.append("")
+    if summary["arms"]:
+        lines += ["### Training runs: collapse flags and the held-out probe", "",
+                  "| arm | overrides | probe accuracy by steps done | collapse flags |", "|---|---|---|---|"]
+        for arm, info in summary["arms"].items():
+            probe = ", ".join(f"{p['steps_done']}: {p['correct']}/{p['n']}" for p in info["probe"]) or "–"
+            lines.append(f"| {arm} | `{' '.join(info['overrides'])}` | {probe} | {'; '.join(info['flags']) or 'none'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, out_dir: Path) -> list[Path]:
+    from rlsc.report import _pyplot, _save
+
+    plt = _pyplot()
+    written = []
+    probes = {arm: info["probe"] for arm, info in summary["arms"].items() if info["probe"]}
+    if probes:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for arm, rows in probes.items():
+            ax.plot([r["steps_done"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=arm)
+        ax.set_xlabel("optimizer steps done")
+        ax.set_ylabel(f"greedy pass@1 % on the probe (n = {next(iter(probes.values()))[0]['n']})")
+        ax.set_title("Held-out accuracy per training step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        written.append(_save(plt, fig, out_dir / "quality-per-step.png"))
+    if summary["sets"]:
+        fig, axes = plt.subplots(1, len(summary["sets"]), figsize=(6 * len(summary["sets"]), 4.5), squeeze=False)
+        for ax, (name, entry) in zip(axes[0], summary["sets"].items()):
+            models = {"base": entry["base"]} | {arm: r["metrics"] for arm, r in entry["arms"].items()}
+            if entry.get("base_sampled"):
+                models["base maj@k (subset)"] = {"pass@1": next(v for k, v in entry["base_sampled"].items()
+                                                                 if k.startswith("maj@"))}
+            values = [100 * m["pass@1"]["value"] for m in models.values()]
+            low = [v - 100 * m["pass@1"]["ci_low"] for v, m in zip(values, models.values())]
+            high = [100 * m["pass@1"]["ci_high"] - v for v, m in zip(values, models.values())]
+            ax.bar(range(len(models)), values, yerr=[low, high], capsize=4, color="tab:blue", alpha=0.7)
+            ax.set_xticks(range(len(models)), list(models), rotation=20, ha="right")
+            ax.set_ylabel("pass@1 % (95% CI)")
+            ax.set_title(f"{name} (n = {entry['base']['pass@1']['n']})")
+            ax.grid(axis="y", alpha=0.3)
+        written.append(_save(plt, fig, out_dir / "quality-accuracy.png"))
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(HERE.parent / "params.yaml"), help="base configuration (the main job)")
+    p.add_argument("--set", "-s", action="append", default=[], help="config overrides for every run")
+    p.add_argument("--arms", default="rlsc-l2", help=f"comma list of {', '.join(ARMS)}; '' = base only")
+    p.add_argument("--sets", default="generated,gsm8k", help="eval sets: generated, gsm8k")
+    p.add_argument("--generated", default="synthetic:128:2", help="the generated held-out source")
+    p.add_argument("--gsm8k-n", type=int, default=200, help="seeded subset of GSM8K test")
+    p.add_argument("--train-n", type=int, default=None, help="GSM8K train questions (default steps x per step)")
+    p.add_argument("--maj-n", type=int, default=32, help="problems per set for the base model's k samples (0 = none)")
+    p.add_argument("--k", type=int, default=16, help="samples for maj@k / pass@k")
+    p.add_argument("--probe-every", type=int, default=2, help="probe held-out accuracy every N steps (0 = off)")
+    p.add_argument("--probe-n", type=int, default=32, help="probe problems (from the generated set)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every subset")
+    p.add_argument("--work", default="outputs/bench-quality")
+    p.add_argument("--out", default=str(HERE / "results"), help="where quality.{json,md} and the PNGs go")
+    p.add_argument("--summary-only", action="store_true", help="only summarize what has run")
+    p.add_argument("--quiet", "-q", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    args.arms = [a for a in args.arms.split(",") if a]
+    args.sets = [s for s in args.sets.split(",") if s]
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
+    if not args.summary_only:
+        run(args)
+    summary = summarize(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(summary, indent=1))
+    table = markdown(summary, args)
+    (out / "quality.md").write_text(table)
+    plot(summary, out)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
