@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 60
 export PREFECT_HOME ?= $(CURDIR)/outputs/.prefect
 
-.PHONY: install demo test lint clean retrain serve repro prefect-server mlflow-ui
+.PHONY: install demo test lint clean retrain serve repro prefect-server mlflow-ui bench-speed bench-quality bench-collapse
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	python3 -m venv $(VENV)
@@ -51,8 +51,19 @@ mlflow-ui: install          ## MLflow UI on http://127.0.0.1:5000 over the local
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 \
 		--backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow/mlflow.db --default-artifact-root $(CURDIR)/outputs/mlflow/artifacts
 
+# Benchmarks (not in CI: tens of minutes on 2 cores; tiny-model smoke versions run in `make test`).
+# Results land in bench/results/ and bench/collapse/; bench/RESULTS.md records the measured runs.
+bench-speed: install        ## rlsc vs TRL GRPOTrainer, one step = 1 question x 16 samples x 128 tokens
+	$(PY) -m bench.speed $(BENCH_ARGS)
+
+bench-quality: install      ## base vs RLSC arms on generated + GSM8K held-out sets, with controls
+	$(PY) -m bench.quality --arms rlsc-l2,rlsc-l1,rlsc-l2-token-mean,entropy $(BENCH_ARGS)
+
+bench-collapse: install     ## the collapse guard on the measured collapse case (full FT lr 1e-5) and LoRA
+	RLSC=$(RLSC) PY=$(PY) bench/collapse/run.sh
+
 lint: install
-	$(VENV)/bin/ruff check rlsc tests
+	$(VENV)/bin/ruff check rlsc tests bench flows
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -145,7 +145,7 @@ class TrainConfig(Section):
 # The collapse guard's signals, logged as guard/<name> every step (see rlsc/guard.py for the formulas).
 GUARD_SIGNALS = (
     "distinct_share", "batch_distinct_share", "cross_question_identical", "few_shot_copy",
-    "p_old_saturation", "entropy_ratio", "length_ratio", "grad_norm_spike",
+    "p_old_saturation", "entropy_ratio", "length_ratio", "grad_norm_spike", "reference_drift",
 )
 
 
@@ -170,7 +170,13 @@ class GuardRule(Section):
 # agreement 1.0, mean p_old 0.95 and entropy at 6% of its first steps, with pre-clip grad norms of
 # 10 to 215 on every step: distinct answers, p_old saturation, entropy and grad-norm spikes also
 # move in healthy runs, so they only warn (and distinct answers has no rule at all).
+# With our boxed-answer prompt the same full-FT run collapsed differently (bench/collapse): one-line,
+# single-operation answers, held-out accuracy 72/128 -> 30/128, no copying. Only the drift from the
+# starting policy separated it from the healthy LoRA run on the same questions: 0.35 to 1.5 nats per
+# token from the first updated step on vs at most 0.125 (bench/collapse/drift.py). Length per step
+# did not (one question per step: the healthy run's length also halved on short questions).
 DEFAULT_GUARD_RULES = {
+    "reference_drift": {"threshold": 0.25, "direction": "above", "action": "rollback"},
     "cross_question_identical": {"threshold": 0.5, "direction": "above", "action": "rollback"},
     "few_shot_copy": {"threshold": 0.6, "direction": "above", "action": "rollback"},
     "entropy_ratio": {"threshold": 0.05, "direction": "below", "action": "warn"},

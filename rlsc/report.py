@@ -88,7 +88,7 @@ def plot_guard(metrics_path: str | Path, out_png: str | Path, guard: GuardConfig
     rows = read_metrics(metrics_path)
     steps = [r["step"] for r in rows]
     fired = [r for r in rows if "guard/fired" in r]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
+    fig, axes = plt.subplots(3, 3, figsize=(14, 10))
     for ax, name in zip(axes.flat, GUARD_SIGNALS):
         ax.plot(steps, [r.get(f"guard/{name}", float("nan")) for r in rows], marker="o", markersize=3)
         rule = guard.rules.get(name)

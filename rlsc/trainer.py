@@ -14,6 +14,7 @@ rollback ends it with the weights of the last round whose samples passed (health
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from rlsc import confidence as conf
 from rlsc.answers import canonical_answer, extract_answer, last_boxed
 from rlsc.config import Config, TrainConfig
 from rlsc.errors import RlscError
-from rlsc.guard import Firing, GuardState, collapse_signals, decisive, evaluate_rules
+from rlsc.guard import Firing, GuardState, collapse_signals, decisive, evaluate_rules, reference_drift
 from rlsc.objectives import entropy_loss, kl_penalty, policy_gradient_loss, sample_coefficients
 from rlsc.problems import Problem
 from rlsc.prompts import render_prompt
@@ -374,6 +375,7 @@ def rollout_metrics(rollouts: Rollouts, answers: list[str | None]) -> dict[str, 
 
 HEALTHY = "healthy.safetensors"
 ROUND_START = "round-start.safetensors"
+REFERENCE = "reference.safetensors"  # full fine-tuning only: the starting weights, for reference_drift
 
 
 class LoopGuard:
@@ -394,29 +396,64 @@ class LoopGuard:
         self.healthy, self.round_start = output_dir / HEALTHY, output_dir / ROUND_START
         self.signals: dict[str, float] = {}
         self.firings: list[Firing] = []
+        drift_rule = cfg.guard.rules.get("reference_drift")
+        self.wants_drift = drift_rule is not None and drift_rule.action != "off"
+        self.reference_model = None  # full FT: a frozen copy of the starting weights (LoRA: adapter off)
+        self.reference_file = output_dir / REFERENCE
 
     @property
     def files(self) -> tuple[Path, ...]:
-        return self.healthy, self.round_start
+        extra = (self.reference_file,) if self.reference_model is not None else ()
+        return self.healthy, self.round_start, *extra
 
     def begin(self, policy, start_step: int, checkpoint: Path | None, resumed_state: bool) -> None:
-        """The fallback weights: a resumed checkpoint's copies, else the weights training starts from."""
+        """The fallback weights: a resumed checkpoint's copies, else the weights training starts from;
+        and the reference policy of reference_drift."""
+        full_ft_reference = self.wants_drift and not hasattr(policy, "disable_adapter")
         if checkpoint is not None and resumed_state and (checkpoint / HEALTHY).is_file():
-            for path in self.files:
-                if (checkpoint / path.name).is_file():
-                    link_or_copy(checkpoint / path.name, path)
-            return
-        self.state.healthy_step = start_step
-        write_trainable(policy, self.healthy)
-        write_trainable(policy, self.round_start)
+            for name in (HEALTHY, ROUND_START, REFERENCE):
+                if (checkpoint / name).is_file():
+                    link_or_copy(checkpoint / name, self.output_dir / name)
+        else:
+            self.state.healthy_step = start_step
+            write_trainable(policy, self.healthy)
+            write_trainable(policy, self.round_start)
+            if full_ft_reference:
+                write_trainable(policy, self.reference_file)
+        if full_ft_reference:
+            # one more copy of the weights in memory (no optimizer state): the price of the signal
+            # without LoRA; set guard.rules.reference_drift.action=off to save it
+            reference = copy.deepcopy(policy)
+            if start_step > 0 and self.reference_file.is_file():  # a resumed run's weights have moved
+                load_trainable(reference, self.reference_file)
+            elif start_step > 0:
+                log.warning("no %s in the checkpoint: reference_drift is measured from the resumed weights",
+                            REFERENCE)
+            self.reference_model = reference.requires_grad_(False).eval()
+
+    def drift(self, policy, rollouts: Rollouts) -> float | None:
+        """reference_drift of the step's samples: their sampled log-probs against the starting policy's."""
+        if not self.wants_drift:
+            return None
+        args = (rollouts.prompt_ids, rollouts.prompt_mask, rollouts.completion_ids, rollouts.completion_mask,
+                rollouts.temperature)
+        with torch.no_grad():
+            if self.reference_model is not None:
+                ref, _ = completion_token_logprobs(self.reference_model, *args)
+            else:
+                with policy.disable_adapter():
+                    ref, _ = completion_token_logprobs(policy, *args)
+        return reference_drift(rollouts.token_logprobs, ref.cpu(), rollouts.completion_mask)
 
     def round_begins(self, policy) -> None:
         write_trainable(policy, self.round_start)
 
-    def check(self, step: int, record: dict[str, Any], rollouts: Rollouts, answers, grad_norm: float) -> Firing | None:
+    def check(self, step: int, record: dict[str, Any], rollouts: Rollouts, answers, grad_norm: float,
+              policy) -> Firing | None:
         """Merge the step's signals into its metrics record and log warnings; returns the firing that
         ends training (stop or rollback), or None."""
-        self.signals = collapse_signals(rollouts, answers, self.few_shot_answers, grad_norm, self.state)
+        self.signals = collapse_signals(rollouts, answers, self.few_shot_answers, grad_norm, self.state,
+                                        drift=self.drift(policy, rollouts))
         self.firings = evaluate_rules(self.signals, self.cfg)
         record.update(self.signals)
         warnings = [f for f in self.firings if f.action == "warn"]
@@ -615,7 +652,7 @@ def train(
         if kl is not None:
             record["kl"] = kl
         if guard is not None:
-            firing = guard.check(step, record, rollouts, answers, grad_norm)
+            firing = guard.check(step, record, rollouts, answers, grad_norm, policy)
         if probe is not None and probe.due(step + 1):
             record["probe/accuracy"] = probe.run(policy, tokenizer, steps_done=step + 1)["accuracy"]
         metrics.write(record)

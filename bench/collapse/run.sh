@@ -16,7 +16,8 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 COMMON=(-q --set paths.work_dir="$W" --set data.train=synthetic:12:1 --set train.steps=12
         --set train.questions_per_step=1 --set train.checkpoint_every=100)
 FULL=(--set model.lora.enabled=false --set train.lr=1e-5 --set model.gradient_checkpointing=true)
-WARN_ONLY=(--set guard.rules.cross_question_identical.action=warn --set guard.rules.few_shot_copy.action=warn)
+WARN_ONLY=(--set guard.rules.cross_question_identical.action=warn --set guard.rules.few_shot_copy.action=warn
+           --set guard.rules.length_ratio.action=warn)
 
 "$RLSC" prepare "${COMMON[@]}" >/dev/null
 "$RLSC" check "${COMMON[@]}"

@@ -26,6 +26,7 @@ from rlsc.guard import (
     grad_norm_spike,
     p_old_saturation,
     ratio_to_baseline,
+    reference_drift,
 )
 from rlsc.objectives import kl_penalty, token_kl
 from rlsc.problems import Problem
@@ -120,6 +121,23 @@ def test_collapse_signals_of_one_step_under_stable_names():
     })
 
 
+def test_reference_drift_against_a_hand_computation():
+    # row 0: tokens (-0.1 vs -0.5), (-0.2 vs -0.2); row 1: (-1.0 vs -3.0), padding (ignored)
+    logp = torch.tensor([[-0.1, -0.2], [-1.0, 0.0]])
+    ref = torch.tensor([[-0.5, -0.2], [-3.0, -9.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    assert reference_drift(logp, ref, mask) == pytest.approx((0.4 + 0.0 + 2.0) / 3)
+    assert reference_drift(logp, logp, mask) == 0.0
+
+
+def test_the_drift_rule_separates_the_measured_collapse_from_the_healthy_run():
+    # bench/collapse/drift.py: first updated step of the collapsed full-FT run 0.447 nats/token (its
+    # lowest step 0.158 came after the onset); highest step of the healthy LoRA run 0.125
+    fired = decisive(evaluate_rules({"guard/reference_drift": 0.447}, GuardConfig()))
+    assert (fired.signal, fired.action) == ("reference_drift", "rollback")
+    assert decisive(evaluate_rules({"guard/reference_drift": 0.125}, GuardConfig())) is None
+
+
 def test_guard_state_round_trips_through_json():
     state = GuardState(RollingBaseline(2, [0.4]), RollingBaseline(2, [4.0, 5.0]), [1.5], healthy_step=3)
     again = GuardState.from_dict(json.loads(json.dumps(state.to_dict())), baseline_steps=2)
@@ -172,7 +190,9 @@ def _cfg(tmp_path, *extra):
     ])
 
 
-COLLAPSE = ("train.lr=0.3", "train.steps=6")  # full FT at a huge lr: every question soon gets one text
+# full FT at a huge lr: every question soon gets one text. The drift rule (which fires first on it)
+# is off here so these tests exercise the text rules; test_the_drift_rule_rolls_back_* covers it.
+COLLAPSE = ("train.lr=0.3", "train.steps=6", "guard.rules.reference_drift.action=off")
 
 
 def _policy(seed: int = 7):
@@ -213,6 +233,29 @@ def test_a_collapsing_run_is_rolled_back_to_its_last_healthy_weights(tmp_path):
     assert _equal(_trainable(again), healthy)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_drift_rule_rolls_back_a_policy_that_ran_away_from_its_start(tmp_path, lora):
+    model, tok = _policy()
+    if lora:
+        from rlsc.config import ModelConfig
+        from rlsc.models import attach_lora
+
+        model = attach_lora(model, ModelConfig(lora={"enabled": True, "r": 4, "alpha": 8}))
+    start = _trainable(model)
+    # a tiny adapter moves the policy less: its drift reaches 0.03 to 0.1 here, so a lower threshold
+    threshold = 0.02 if lora else 0.25
+    cfg = _cfg(tmp_path, "train.lr=0.3", "train.steps=6", f"guard.rules.reference_drift.threshold={threshold}")
+    result = train(cfg, PROBLEMS, tmp_path / "drift", model=model, tokenizer=tok, progress=False)
+    assert result.guard_fired["signal"] == "reference_drift" and result.guard_fired["value"] > threshold
+    rows = _rows(result)
+    assert rows[0]["guard/reference_drift"] == pytest.approx(0.0, abs=1e-5)  # sampled by the starting weights
+    assert _equal(_trainable(model), load_file(result.output_dir / "healthy.safetensors"))
+    if result.rolled_back_to_step == 0:
+        assert _equal(_trainable(model), start)
+    # full FT keeps the starting weights for the reference; LoRA needs no copy (adapter off)
+    assert (result.output_dir / "reference.safetensors").is_file() is not lora
+
+
 def test_the_stop_action_keeps_the_current_weights(tmp_path):
     model, tok = _policy()
     stop = _cfg(tmp_path, *COLLAPSE, "guard.rules.cross_question_identical.action=stop")
@@ -235,6 +278,7 @@ def test_a_healthy_run_never_fires(tmp_path):
     rows = _rows(result)
     assert all("guard/fired" not in r and "guard/warnings" not in r for r in rows)
     assert {"guard/cross_question_identical", "guard/entropy_ratio", "guard/grad_norm_spike"} <= rows[0].keys()
+    assert rows[0]["guard/reference_drift"] == pytest.approx(0.0, abs=1e-5)  # samples of the starting weights
     assert not (result.output_dir / "guard.json").exists()
     assert (result.output_dir / "healthy.safetensors").is_file()
 
