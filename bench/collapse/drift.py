@@ -48,7 +48,9 @@ def main(argv: list[str]) -> int:
                    "mean_length": float(mask.sum(-1).mean())}
             result[run].append(row)
             print(run, row, flush=True)
-    (HERE / "drift.json").write_text(json.dumps(result, indent=1))
+    out = HERE / "drift.json"
+    kept = json.loads(out.read_text()) if out.is_file() else {}
+    out.write_text(json.dumps({**kept, **result}, indent=1))  # runs measured earlier stay
     return 0
 
 

@@ -19,7 +19,8 @@ RUNS = {"guard-warn": "full FT lr 1e-5, every rule demoted to warn (unguarded)",
         "lora": "LoRA r16 lr 1e-4, default guard"}
 PANELS = [("completions/mean_length", "mean completion length"), ("entropy", "mean token entropy"),
           ("weights/mean", "mean p_old(y)"), ("guard/cross_question_identical", "identical across questions"),
-          ("guard/length_ratio", "length / first steps"), ("grad_norm", "pre-clip grad norm")]
+          ("guard/length_ratio", "length / first steps"), ("grad_norm", "pre-clip grad norm"),
+          ("guard/reference_drift", "drift from the start (nats/token)"), ("answers/distinct", "distinct answers")]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -45,8 +46,18 @@ def wall_seconds(time_file: Path) -> float | None:
     return None
 
 
+def measured_drift() -> dict[str, dict[int, float]]:
+    """drift.py's after-the-fact measurement per run and round (= step here), for runs made before the
+    trainer logged guard/reference_drift itself."""
+    path = HERE / "drift.json"
+    if not path.is_file():
+        return {}
+    return {run: {r["round"]: r["drift_per_token"] for r in rows} for run, rows in json.loads(path.read_text()).items()}
+
+
 def summarize(work: Path) -> dict:
     base = json.loads((work / "eval" / "base" / "metrics.json").read_text())
+    drift = measured_drift()
     out = {"base": base["pass@1"], "runs": {}}
     for run, what in RUNS.items():
         rows = read_jsonl(work / run / "metrics.jsonl")
@@ -63,13 +74,16 @@ def summarize(work: Path) -> dict:
             "peak_rss_gb": peak_rss_gb(work / f"{run}.time"), "train_wall_s": wall_seconds(work / f"{run}.time"),
             "per_step": [{key: r.get(key) for key, _ in PANELS} | {"step": r["step"]} for r in rows],
         }
+        for step in out["runs"][run]["per_step"]:
+            if step["guard/reference_drift"] is None and step["step"] in drift.get(run, {}):
+                step["guard/reference_drift"] = drift[run][step["step"]]  # measured by drift.py
     return out
 
 
 def markdown(summary: dict) -> str:
     b = summary["base"]
-    lines = [f"Held-out: {b['n']} generated problems; base model greedy pass@1 {b['correct']}/{b['n']} "
-             f"({100 * b['value']:.1f}% [{100 * b['ci_low']:.1f}, {100 * b['ci_high']:.1f}]).", "",
+    lines = [(f"Held-out: {b['n']} generated problems; base model greedy pass@1 {b['correct']}/{b['n']} "
+             f"({100 * b['value']:.1f}% [{100 * b['ci_low']:.1f}, {100 * b['ci_high']:.1f}])."), "",
              "| run | steps run | guard | returned model: held-out pass@1 | eval mean length | train wall | peak RSS |",
              "|---|---|---|---|---|---|---|"]
     for run, r in summary["runs"].items():
@@ -90,7 +104,7 @@ def plot(summary: dict, out_png: Path) -> Path:
     from rlsc.report import _pyplot, _save
 
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    fig, axes = plt.subplots(2, 4, figsize=(19, 7.5))
     for ax, (key, title) in zip(axes.flat, PANELS):
         for run, r in summary["runs"].items():
             steps = [p["step"] for p in r["per_step"]]
