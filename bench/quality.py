@@ -102,18 +102,20 @@ def train_arm(args, arm: str, paths: dict[str, Path]) -> Path:
 
 
 def run(args) -> None:
+    """Base greedy first, then each arm, then the base model's k samples: the headline comparison is
+    complete earliest if a run has to be cut short (every finished stage is kept)."""
     paths = prepare(args)
     cfg = base_config(args)
     for name in args.sets:
         evaluate_once(args, cfg, paths[name], Path(args.work) / "eval" / "base" / name)
-        if args.maj_n:
-            sampled = base_config(args, f"eval.k={args.k}")
-            evaluate_once(args, sampled, paths[f"{name}-k"], Path(args.work) / "eval" / f"base-k{args.k}" / name)
     for arm in args.arms:
         final = train_arm(args, arm, paths)
         for name in args.sets:
             evaluate_once(args, base_config(args, *ARMS[arm]), paths[name], Path(args.work) / "eval" / arm / name,
                           trained=final)
+    for name in args.sets if args.maj_n else ():
+        sampled = base_config(args, f"eval.k={args.k}")
+        evaluate_once(args, sampled, paths[f"{name}-k"], Path(args.work) / "eval" / f"base-k{args.k}" / name)
 
 
 # ---------------------------------------------------------------- the summary
