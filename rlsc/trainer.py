@@ -435,15 +435,21 @@ class LoopGuard:
         """reference_drift of the step's samples: their sampled log-probs against the starting policy's."""
         if not self.wants_drift:
             return None
+        # one question at a time: its k samples share the prompt, which is then run once (KV expanded)
+        per_question = [select_prompts(rollouts, [q]) for q in range(rollouts.num_prompts)]
+        with torch.no_grad():
+            refs = [self._reference_logprobs(policy, r) for r in per_question]
+        width = max(ref.shape[1] for ref in refs)
+        ref = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in refs])
+        return reference_drift(rollouts.token_logprobs[:, :width], ref, rollouts.completion_mask[:, :width])
+
+    def _reference_logprobs(self, policy, rollouts: Rollouts) -> torch.Tensor:
         args = (rollouts.prompt_ids, rollouts.prompt_mask, rollouts.completion_ids, rollouts.completion_mask,
                 rollouts.temperature)
-        with torch.no_grad():
-            if self.reference_model is not None:
-                ref, _ = completion_token_logprobs(self.reference_model, *args)
-            else:
-                with policy.disable_adapter():
-                    ref, _ = completion_token_logprobs(policy, *args)
-        return reference_drift(rollouts.token_logprobs, ref.cpu(), rollouts.completion_mask)
+        if self.reference_model is not None:
+            return completion_token_logprobs(self.reference_model, *args)[0].cpu()
+        with policy.disable_adapter():
+            return completion_token_logprobs(policy, *args)[0].cpu()
 
     def round_begins(self, policy) -> None:
         write_trainable(policy, self.round_start)
@@ -652,7 +658,9 @@ def train(
         if kl is not None:
             record["kl"] = kl
         if guard is not None:
+            guard_start = time.perf_counter()
             firing = guard.check(step, record, rollouts, answers, grad_norm, policy)
+            record["time/guard"] = time.perf_counter() - guard_start  # reference_drift's forward, mostly
         if probe is not None and probe.due(step + 1):
             record["probe/accuracy"] = probe.run(policy, tokenizer, steps_done=step + 1)["accuracy"]
         metrics.write(record)
