@@ -22,7 +22,8 @@ def _shares_one_prompt(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> b
     return bool((prompt_ids == prompt_ids[:1]).all() and (prompt_mask == prompt_mask[:1]).all())
 
 
-def _logits_full(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """Raw logits [n, C, V] at the completion positions, prompt and completion in one forward each row."""
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention = torch.cat([prompt_mask, completion_mask], dim=1)
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids_for(attention),
@@ -76,7 +77,7 @@ def completion_token_logprobs(
     # gradient checkpointing turns the KV cache off in training, so it takes the full path
     checkpointing = model.training and _is_checkpointing(model)
     shared = len(prompt_ids) > 1 and not checkpointing and _shares_one_prompt(prompt_ids, prompt_mask)
-    logits_of = _logits_shared_prompt if shared else _logits_full
+    logits_of = _logits_shared_prompt if shared else completion_logits
     logits = logits_of(model, prompt_ids, prompt_mask, completion_ids, completion_mask).float() / temperature
     logp = torch.log_softmax(logits, dim=-1)
     token_logp = logp.gather(-1, completion_ids[..., None]).squeeze(-1)

@@ -46,7 +46,7 @@ from rlsc.sampling import (
     select_prompts,
     write_rollouts,
 )
-from rlsc.scoring import _logits_full, completion_token_logprobs
+from rlsc.scoring import completion_logits, completion_token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -289,13 +289,13 @@ def question_coefficients(rollouts: Rollouts, q: int, answers: list[str | None],
 def policy_and_reference_logprobs(model, batch: dict[str, torch.Tensor], temperature: float):
     """Tempered log-softmax over the vocabulary at each completion position [n, C, V]: the policy's
     (with gradient) and the initial policy's, from the same micro-batch with the LoRA adapter
-    disabled (no second copy of the weights). scoring's completion_token_logprobs returns only the
+    disabled (no second copy of the weights). completion_token_logprobs returns only the
     sampled tokens' log-probs, so its full-row logits function is used directly."""
     device = next(model.parameters()).device
     batch = {name: t.to(device) for name, t in batch.items()}
-    logp = torch.log_softmax(_logits_full(model, **batch).float() / temperature, dim=-1)
+    logp = torch.log_softmax(completion_logits(model, **batch).float() / temperature, dim=-1)
     with torch.no_grad(), model.disable_adapter():
-        ref_logp = torch.log_softmax(_logits_full(model, **batch).float() / temperature, dim=-1)
+        ref_logp = torch.log_softmax(completion_logits(model, **batch).float() / temperature, dim=-1)
     return logp, ref_logp
 
 

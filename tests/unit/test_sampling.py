@@ -127,7 +127,7 @@ def test_shared_prompt_scoring_equals_full_scoring_with_gradients(tiny_policy):
         (logp * r.completion_mask).sum().backward()
         return logp.detach() * r.completion_mask, torch.cat([p.grad.flatten() for p in model.parameters()])
 
-    full_logp, full_grad = run(scoring._logits_full)
+    full_logp, full_grad = run(scoring.completion_logits)
     shared_logp, shared_grad = run(scoring._logits_shared_prompt)
     assert torch.allclose(shared_logp, full_logp, atol=1e-5)
     assert torch.allclose(shared_grad, full_grad, atol=1e-5)
