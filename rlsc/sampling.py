@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from rlsc import confidence as conf
+from rlsc.kv_cache import ReservedCache
 
 
 @dataclass
@@ -97,17 +98,17 @@ def forward_with_cache(model, input_ids, attention_mask, cache):
     return out.logits[:, -1, :].float()
 
 
-def prefill(model, prompt_tokens: list[list[int]], pad_id: int, device):
-    """(next-token logits [Q, V], cache, attention mask) after reading every prompt once.
+def prefill(model, prompt_tokens: list[list[int]], pad_id: int, device, reserve: int = 0):
+    """(next-token logits [Q, V], cache, attention mask) after reading every prompt once; the
+    cache keeps room for `reserve` more positions (the tokens to be decoded).
 
     The common prefix goes through the model once; each prompt's remainder is then read against
     copies of that cache, left-padded *after* the prefix (masked columns in the middle are fine:
     positions come from the mask, so they match an unpadded forward).
     """
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
     shared = common_prefix_length(prompt_tokens) if len(prompt_tokens) > 1 else len(prompt_tokens[0]) - 1
+    longest = max(len(t) for t in prompt_tokens)
+    cache = ReservedCache(reserve=longest - shared + reserve)
     prefix_mask = torch.ones(1, shared, dtype=torch.long, device=device)
     if shared:
         forward_with_cache(model, torch.tensor([prompt_tokens[0][:shared]], device=device), prefix_mask, cache)
@@ -180,7 +181,7 @@ def generate_rollouts(
     model.eval()
     start = time.perf_counter()
 
-    logits, cache, mask = prefill(model, prompt_tokens, pad_id, device)
+    logits, cache, mask = prefill(model, prompt_tokens, pad_id, device, reserve=max_new_tokens)
     if k > 1:
         cache.batch_repeat_interleave(k)
         logits, mask = logits.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
