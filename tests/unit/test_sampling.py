@@ -111,14 +111,27 @@ def test_greedy_rollouts_are_deterministic_and_need_k_1(tiny_policy):
         generate_rollouts(model, tok, _prompts(tok), k=2, temperature=1.0, max_new_tokens=6, greedy=True)
 
 
-def test_shared_prompt_scoring_equals_full_scoring_with_gradients(tiny_policy):
-    """The k samples of one question score their prompt once; values and gradients are unchanged."""
+@pytest.mark.parametrize("pack_tokens", [1024, 5, 1])  # one pack; several; one row per pack
+def test_shared_prompt_scoring_equals_full_scoring_with_gradients(tiny_policy, monkeypatch, pack_tokens):
+    """The k samples of one question score their prompt once, packed without padding; values and
+    gradients are those of running every padded row in full."""
     from rlsc import scoring
 
+    monkeypatch.setattr(scoring, "PACK_TOKENS", pack_tokens)
     model, tok = tiny_policy
     torch.manual_seed(4)
-    r = generate_rollouts(model, tok, _prompts(tok)[1:], k=4, temperature=1.0, max_new_tokens=8)
+    r = generate_rollouts(model, tok, _prompts(tok)[1:], k=6, temperature=1.0, max_new_tokens=8)
     assert scoring._shares_one_prompt(r.prompt_ids, r.prompt_mask)
+    # rows of different lengths, as when samples stop early: padding the packed path must skip
+    lengths = torch.tensor([8, 3, 5, 1, 7, 2])
+    r.completion_mask = (torch.arange(8)[None, :] < lengths[:, None]).long()
+    r.completion_ids = torch.where(r.completion_mask.bool(), r.completion_ids, tok.pad_token_id)
+
+    def _packed_as_padded(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+        packed = scoring.packed_logits_shared_prompt(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        real = completion_mask.bool()
+        padded = torch.zeros(*completion_ids.shape, packed.shape[-1])
+        return padded.index_put(real.nonzero(as_tuple=True), packed)
 
     def run(logits_fn):
         model.zero_grad()
@@ -128,7 +141,7 @@ def test_shared_prompt_scoring_equals_full_scoring_with_gradients(tiny_policy):
         return logp.detach() * r.completion_mask, torch.cat([p.grad.flatten() for p in model.parameters()])
 
     full_logp, full_grad = run(scoring.completion_logits)
-    shared_logp, shared_grad = run(scoring._logits_shared_prompt)
+    shared_logp, shared_grad = run(_packed_as_padded)
     assert torch.allclose(shared_logp, full_logp, atol=1e-5)
     assert torch.allclose(shared_grad, full_grad, atol=1e-5)
 
