@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 60
 export PREFECT_HOME ?= $(CURDIR)/outputs/.prefect
 
-.PHONY: install demo test lint clean retrain serve repro prefect-server mlflow-ui bench-speed bench-quality bench-collapse
+.PHONY: install demo test lint clean retrain serve repro prefect-server mlflow-ui bench-speed bench-profile bench-quality bench-collapse
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	python3 -m venv $(VENV)
@@ -55,6 +55,9 @@ mlflow-ui: install          ## MLflow UI on http://127.0.0.1:5000 over the local
 # Results land in bench/results/ and bench/collapse/; bench/RESULTS.md records the measured runs.
 bench-speed: install        ## rlsc vs TRL GRPOTrainer, one step = 1 question x 16 samples x 128 tokens
 	$(PY) -m bench.speed $(BENCH_ARGS)
+
+bench-profile: install      ## where an rlsc step's time goes (torch.profiler), per phase and kind of work
+	$(PY) -m bench.profile $(BENCH_ARGS)
 
 bench-quality: install      ## base vs RLSC arms on generated + GSM8K held-out sets, with controls
 	$(PY) -m bench.quality --arms rlsc-l2,rlsc-l1,rlsc-l2-token-mean,entropy $(BENCH_ARGS)

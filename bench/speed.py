@@ -10,11 +10,13 @@ reward needs its own forward pass (that is the cost of doing RLSC in TRL, and it
 Each implementation runs in its own process (so peak RSS is its own), warm-up steps first, then the
 timed steps; the processes alternate rlsc, trl, rlsc, trl ... for `--rounds` rounds. The machine's
 floors are measured in the same run (memory copy bandwidth, fp32 matmul throughput) and each phase
-is reported against its floor:
-  sampling floor = decode steps x bytes of the matmul weights / copy bandwidth (every decode step
-                   must read all weights once), decode steps = the longest completion of the step;
+is reported against its floor (`phase_floors`):
+  sampling floor = the larger of decode steps x bytes of the matmul weights / copy bandwidth (every
+                   decode step must read all weights once; decode steps = the longest completion)
+                   and 2 x matmul params x sampled tokens / matmul throughput;
   update floor   = 6 x matmul params x tokens / matmul throughput (forward + backward, full FT),
-                   tokens = k x (prompt + mean completion) as in the issue's own estimate.
+                   tokens = k x (prompt + mean completion) as in the issue's own estimate, and the
+                   minimal one with the shared prompt once + each completion token once.
 
     python -m bench.speed --models embedded:smollm2-135m-instruct,embedded:qwen2.5-coder-0.5b-instruct
 """
@@ -205,6 +207,25 @@ def worker(args) -> int:
 # ---------------------------------------------------------------- the orchestrator
 
 
+def phase_floors(matmul_params: int, weight_bytes: int, prompt_tokens: int, k: int, mean_length: float,
+                 decode_steps: float, floors: dict) -> dict[str, float]:
+    """Seconds no implementation can beat on this machine, per phase (fp32, full fine-tuning).
+
+    sample_s: each decode step reads every matmul weight once (bandwidth), and each sampled token
+      costs 2 FLOPs per weight (compute): the larger of the two (a roofline);
+    update_s: the issue's estimate, 6 FLOPs per weight per token (forward + backward) over every
+      sample's prompt and completion;
+    update_min_s: the same over what the gradient needs at least: the shared prompt once and each
+      completion token once.
+    """
+    bandwidth, throughput = floors["copy_GBps"] * 1e9, floors["matmul_GFLOPs"] * 1e9
+    sample_tokens = k * mean_length
+    decode = max(decode_steps * weight_bytes / bandwidth, 2 * matmul_params * sample_tokens / throughput)
+    per_token = 6 * matmul_params / throughput
+    return {"sample_s": decode, "update_s": per_token * k * (prompt_tokens + mean_length),
+            "update_min_s": per_token * (prompt_tokens + k * mean_length)}
+
+
 def summarize(runs: list[dict], floors: dict) -> dict:
     """Per model and implementation: medians over every timed step of every round, and the floors."""
     out: dict[str, dict] = {}
@@ -219,17 +240,14 @@ def summarize(runs: list[dict], floors: dict) -> dict:
             timed = entry["timed"]
             med = {key: statistics.median(s[key] for s in timed)
                    for key in ("step_s", "sample_s", "update_s", "tokens", "max_length", "mean_length")}
-            flops = 6 * entry["matmul_params"] / (floors["matmul_GFLOPs"] * 1e9)  # seconds per token, fwd + bwd
-            decode_floor = med["max_length"] * entry["matmul_weight_bytes"] / (floors["copy_GBps"] * 1e9)
-            # the issue's estimate: every sample's prompt and completion through forward and backward
-            naive = flops * entry["k"] * (entry["prompt_tokens"] + med["mean_length"])
-            # what the gradient needs at least: the shared prompt once, each completion token once
-            minimal = flops * (entry["prompt_tokens"] + entry["k"] * med["mean_length"])
+            entry["floor"] = phase_floors(entry["matmul_params"], entry["matmul_weight_bytes"], entry["prompt_tokens"],
+                                          entry["k"], med["mean_length"], med["max_length"], floors)
             entry["median"] = med
             entry["tokens_per_s"] = med["tokens"] / med["step_s"]
-            entry["floor"] = {"sample_s": decode_floor, "update_s": naive, "update_min_s": minimal}
-            entry["over_floor"] = {"sample": med["sample_s"] / decode_floor, "update": med["update_s"] / naive,
-                                   "update_min": med["update_s"] / minimal}
+            floor = entry["floor"]
+            entry["over_floor"] = {"sample": med["sample_s"] / floor["sample_s"],
+                                   "update": med["update_s"] / floor["update_s"],
+                                   "update_min": med["update_s"] / floor["update_min_s"]}
         if {"rlsc", "trl"} <= impls.keys():
             impls["ratio_rlsc_over_trl"] = {
                 "step": impls["rlsc"]["median"]["step_s"] / impls["trl"]["median"]["step_s"],
