@@ -32,9 +32,9 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
     return out.logits[:, :-1, :]  # logits at position P-1+j predict completion token j
 
 
-# completions packed into one forward hold at most this many tokens: the packed attention is
-# quadratic in them, the padded one in each row's length only
-PACK_TOKENS = 1024
+# tokens per pack: the packed attention costs pack length x (prompt + pack length) per token, so
+# shorter packs attend less; they all run in one batched forward (one weight gradient per call)
+PACK_TOKENS = 256
 
 
 def _prompt_cache(model, prompt_ids, prompt_mask):
@@ -47,62 +47,62 @@ def _prompt_cache(model, prompt_ids, prompt_mask):
     return cache, first, prompt.shape[1]
 
 
-def _packs(lengths: list[int], budget: int) -> list[list[int]]:
-    """Consecutive rows grouped so that each group's tokens stay within `budget` (one row at least)."""
-    packs: list[list[int]] = [[]]
-    used = 0
-    for row, n in enumerate(lengths):
-        if packs[-1] and used + n > budget:
-            packs.append([])
-            used = 0
-        packs[-1].append(row)
-        used += n
-    return packs
-
-
-def _pack_forward(model, prompt_kv, p: int, ids: torch.Tensor, row: torch.Tensor, col: torch.Tensor):
-    """Logits [F, V] after each fed token: the rows' tokens side by side in one sequence, each
-    attending to the shared prompt and to the earlier tokens of its own row only."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(ddp_cache_data=prompt_kv)  # a fresh cache per pack around the same prompt KV
-    own_row = (row[:, None] == row[None, :]) & (col[None, :] <= col[:, None])
-    prompt_cols = torch.ones(len(ids), p, dtype=torch.bool, device=ids.device)
-    mask = torch.cat([prompt_cols, own_row], dim=1)[None, None]
-    out = model(input_ids=ids[None], attention_mask=mask, position_ids=(p + col)[None], cache=cache,
-                use_cache=True)
-    return out.logits[0]
+def assign_packs(lengths: list[int], n_packs: int) -> list[int]:
+    """The pack of each row: longest rows first, each into the pack holding the fewest tokens so
+    far, so the packs come out about equally long (little padding)."""
+    load, pack_of = [0] * n_packs, [0] * len(lengths)
+    for row in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
+        pack = min(range(n_packs), key=load.__getitem__)
+        pack_of[row] = pack
+        load[pack] += lengths[row]
+    return pack_of
 
 
 def packed_logits_shared_prompt(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
     """Raw logits [T, V] predicting each completion token, T = the real tokens in row-major order
-    (`completion_ids[completion_mask.bool()]`): no padding is ever run through the model.
+    (`completion_ids[completion_mask.bool()]`): padding is (almost) never run through the model.
 
-    The shared prompt runs once; the rows' tokens are packed into sequences of at most PACK_TOKENS
-    that attend through a block mask (prompt + own row, causal), so values and gradients equal
-    those of running each row on its own (tested).
+    The shared prompt runs once. The rows' tokens are laid side by side in packs of about
+    PACK_TOKENS tokens, the packs batched in one forward over the prompt's cache; a block mask lets
+    each token attend to the prompt and to the earlier tokens of its own row only, so values and
+    gradients equal those of running each row on its own (tested).
     """
     n, width = completion_ids.shape
+    device = completion_ids.device
     real = completion_mask.bool()
     lengths = real.sum(-1)
     cache, first, p = _prompt_cache(model, prompt_ids, prompt_mask)
-    prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]
     # a row's last token predicts nothing, so it is not fed; logits of token j come from token j-1
     fed = real.clone()
-    fed[torch.arange(n, device=real.device), (lengths - 1).clamp(min=0)] = False
-    rows = torch.arange(n, device=real.device)[:, None].expand(n, width)
-    cols = torch.arange(width, device=real.device)[None, :].expand(n, width)
-    outputs = [first[None]]
-    for pack in _packs((lengths - 1).clamp(min=0).tolist(), PACK_TOKENS):
-        in_pack = fed & torch.isin(rows, torch.tensor(pack, device=real.device))
-        if in_pack.any():
-            outputs.append(_pack_forward(model, prompt_kv, p, completion_ids[in_pack], rows[in_pack],
-                                         cols[in_pack]))
-    logits = torch.cat(outputs)  # [1 + fed tokens, V], packs in row order
-    # where each fed token's logits sit, and so which row of `logits` predicts token (i, j)
-    fed_at = torch.zeros(n, width, dtype=torch.long, device=real.device)
-    fed_at[fed] = torch.arange(1, int(fed.sum()) + 1, device=real.device)
-    predictor = torch.cat([torch.zeros(n, 1, dtype=torch.long, device=real.device), fed_at[:, :-1]], dim=1)
+    fed[torch.arange(n, device=device), (lengths - 1).clamp(min=0)] = False
+    fed_lengths = fed.sum(-1).tolist()
+    rows_fed = sum(1 for f in fed_lengths if f)
+    if not rows_fed:  # every completion is a single token, predicted by the prompt alone
+        return first.expand(int(real.sum()), -1)
+    n_packs = min(rows_fed, -(-sum(fed_lengths) // PACK_TOKENS))
+    pack_of = assign_packs(fed_lengths, n_packs)
+    starts, used = [0] * n, [0] * n_packs  # where each row begins inside its pack
+    for row in range(n):
+        starts[row], used[pack_of[row]] = used[pack_of[row]], used[pack_of[row]] + fed_lengths[row]
+    width_packed = max(used)
+
+    r, c = fed.nonzero(as_tuple=True)  # row-major, like the packs
+    pack = torch.tensor(pack_of, device=device)[r]
+    slot = torch.tensor(starts, device=device)[r] + c
+    ids = torch.zeros(n_packs, width_packed, dtype=completion_ids.dtype, device=device)
+    row_at = torch.full((n_packs, width_packed), -1, device=device)  # -1: padding at a pack's end
+    col_at = torch.zeros(n_packs, width_packed, dtype=torch.long, device=device)
+    ids[pack, slot], row_at[pack, slot], col_at[pack, slot] = completion_ids[r, c], r, c
+    own_row = (row_at[:, :, None] == row_at[:, None, :]) & (col_at[:, None, :] <= col_at[:, :, None])
+    prompt_cols = torch.ones(n_packs, width_packed, p, dtype=torch.bool, device=device)
+    mask = torch.cat([prompt_cols, own_row], dim=-1)[:, None]
+    cache.batch_repeat_interleave(n_packs)  # differentiable: the prompt's gradient sums over packs
+    out = model(input_ids=ids, attention_mask=mask, position_ids=p + col_at, cache=cache, use_cache=True)
+    logits = torch.cat([first[None], out.logits.reshape(n_packs * width_packed, -1)])
+    # which row of `logits` predicts token (i, j): the prompt's for j = 0, else token j-1's slot
+    fed_at = torch.zeros(n, width, dtype=torch.long, device=device)
+    fed_at[r, c] = 1 + pack * width_packed + slot
+    predictor = torch.cat([torch.zeros(n, 1, dtype=torch.long, device=device), fed_at[:, :-1]], dim=1)
     return logits[predictor[real]]
 
 

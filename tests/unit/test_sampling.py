@@ -111,7 +111,7 @@ def test_greedy_rollouts_are_deterministic_and_need_k_1(tiny_policy):
         generate_rollouts(model, tok, _prompts(tok), k=2, temperature=1.0, max_new_tokens=6, greedy=True)
 
 
-@pytest.mark.parametrize("pack_tokens", [1024, 5, 1])  # one pack; several; one row per pack
+@pytest.mark.parametrize("pack_tokens", [1024, 7, 1])  # one pack; several; a row per pack
 def test_shared_prompt_scoring_equals_full_scoring_with_gradients(tiny_policy, monkeypatch, pack_tokens):
     """The k samples of one question score their prompt once, packed without padding; values and
     gradients are those of running every padded row in full."""
@@ -179,3 +179,27 @@ def test_rollouts_round_trip_through_parquet(tiny_policy, tmp_path):
     for name in ("completion_ids", "completion_mask", "token_logprobs", "token_entropy"):
         assert torch.equal(getattr(back, name), getattr(r, name)[:, : back.completion_ids.shape[1]]), name
         assert back.completion_ids.shape[1] <= width
+
+
+def test_packs_balance_rows_longest_first():
+    from rlsc.scoring import assign_packs
+
+    lengths = [127, 20, 60, 5, 90, 33, 0, 70]
+    pack_of = assign_packs(lengths, 3)
+    loads = [sum(n for n, p in zip(lengths, pack_of) if p == pack) for pack in range(3)]
+    # by hand: 127 | 90 | 70, then 60 -> the 70 pack, 33 -> the 90 one, 20 -> 123, 5 -> 127, 0 -> 132
+    assert sorted(loads) == [130, 132, 143]
+    assert pack_of[0] == pack_of[3] and pack_of[4] == pack_of[5] == pack_of[1] and pack_of[7] == pack_of[2]
+    assert assign_packs([4, 4], 1) == [0, 0]
+
+
+def test_single_token_completions_are_scored_from_the_prompt_alone(tiny_policy):
+    from rlsc import scoring
+
+    model, tok = tiny_policy
+    prompt = tok("[user]hi<eos>[assistant]", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    prompt_ids, prompt_mask = prompt.expand(3, -1), torch.ones(3, prompt.shape[1], dtype=torch.long)
+    ids, mask = torch.tensor([[5], [6], [7]]), torch.ones(3, 1, dtype=torch.long)
+    packed = scoring.packed_logits_shared_prompt(model, prompt_ids, prompt_mask, ids, mask)
+    full = scoring.completion_logits(model, prompt_ids, prompt_mask, ids, mask)[:, 0]
+    assert torch.allclose(packed, full, atol=1e-5)
