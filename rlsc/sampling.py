@@ -7,7 +7,9 @@ the work that dominates on CPU is avoidable there:
 - a sequence that has ended leaves the batch, so nobody pays for padding after EOS;
 - every statistic is recorded from the very distribution each token was drawn from, softmax of
   logits / T with no top-k, top-p or penalty, so the recorded log-probs are exactly log p_old:
-  no second forward pass is needed for the RLSC weights.
+  no second forward pass is needed for the RLSC weights (the LM head runs on a prepacked copy of
+  its weight here, so they match the scorer's to float rounding: rlsc/decoding.py);
+- the KV cache grows in place rather than by concatenation (rlsc/decoding.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from rlsc import confidence as conf
-from rlsc.kv_cache import ReservedCache
+from rlsc.decoding import ReservedCache, prepacked_lm_head
 
 
 @dataclass
@@ -158,6 +160,34 @@ class StepRecorder:
         self.agreement[present.cpu(), t] = (pbar * pbar).sum(-1).cpu()
 
 
+def decode(model, prompt_tokens: list[list[int]], pad_id: int, eos: torch.Tensor, *, k: int, temperature: float,
+           max_new_tokens: int, greedy: bool) -> StepRecorder:
+    """The decoding loop: prefill once, expand to k rows per prompt, draw a token per row per step
+    and record its statistics; a row that drew EOS leaves the batch."""
+    device = eos.device
+    logits, cache, mask = prefill(model, prompt_tokens, pad_id, device, reserve=max_new_tokens)
+    if k > 1:
+        cache.batch_repeat_interleave(k)
+        logits, mask = logits.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
+    n = len(prompt_tokens) * k
+    recorder = StepRecorder(n, len(prompt_tokens), k, max_new_tokens, pad_id)
+    active = torch.arange(n, device=device)  # original row index of each row still decoding
+    for t in range(max_new_tokens):
+        logp = torch.log_softmax(logits / temperature, dim=-1)
+        chosen = logp.argmax(-1) if greedy else sample_from(logp)
+        recorder.record(t, active, logp, chosen)
+        running = ~torch.isin(chosen, eos)
+        if t == max_new_tokens - 1 or not running.any():
+            break
+        if not running.all():  # finished rows leave the batch and its cache
+            keep = running.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            active, chosen, mask = active[keep], chosen[keep], mask[keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = forward_with_cache(model, chosen[:, None], mask, cache)
+    return recorder
+
+
 @torch.no_grad()
 def generate_rollouts(
     model,
@@ -181,27 +211,9 @@ def generate_rollouts(
     model.eval()
     start = time.perf_counter()
 
-    logits, cache, mask = prefill(model, prompt_tokens, pad_id, device, reserve=max_new_tokens)
-    if k > 1:
-        cache.batch_repeat_interleave(k)
-        logits, mask = logits.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
-    n = len(prompts) * k
-    recorder = StepRecorder(n, len(prompts), k, max_new_tokens, pad_id)
-    active = torch.arange(n, device=device)  # original row index of each row still decoding
-    for t in range(max_new_tokens):
-        logp = torch.log_softmax(logits / temperature, dim=-1)
-        chosen = logp.argmax(-1) if greedy else sample_from(logp)
-        recorder.record(t, active, logp, chosen)
-        running = ~torch.isin(chosen, eos)
-        if t == max_new_tokens - 1 or not running.any():
-            break
-        if not running.all():  # finished rows leave the batch and its cache
-            keep = running.nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
-            active, chosen, mask = active[keep], chosen[keep], mask[keep]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = forward_with_cache(model, chosen[:, None], mask, cache)
-
+    with prepacked_lm_head(model):
+        recorder = decode(model, prompt_tokens, pad_id, eos, k=k, temperature=temperature,
+                          max_new_tokens=max_new_tokens, greedy=greedy)
     seconds = time.perf_counter() - start
     model.train(was_training)
     completion_ids = recorder.tokens

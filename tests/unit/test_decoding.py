@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from rlsc.kv_cache import ReservedCache
+from rlsc.decoding import ReservedCache
 
 
 def _states(batch, length, seed):
@@ -55,3 +55,37 @@ def test_sampling_with_the_reserved_cache_is_bit_identical(tiny_policy, monkeypa
     assert torch.equal(fast.completion_ids, plain.completion_ids)
     assert torch.equal(fast.token_logprobs, plain.token_logprobs)
     assert torch.equal(fast.token_entropy, plain.token_entropy)
+
+
+def test_prepacked_lm_head_matches_the_plain_projection_and_is_restored(tiny_policy):
+    from rlsc.decoding import prepacked_lm_head
+
+    model, _ = tiny_policy
+    head = model.get_output_embeddings()
+    hidden = torch.randn(5, 1, head.in_features)
+    with torch.no_grad():
+        plain = head(hidden)
+        with prepacked_lm_head(model):
+            assert "forward" in vars(head) or not torch.backends.mkldnn.is_available()
+            packed = head(hidden)
+    assert "forward" not in vars(head)  # the class's forward again: training sees the real weights
+    assert torch.allclose(packed, plain, atol=1e-5)
+
+
+def test_sampling_with_the_prepacked_head_draws_the_same_tokens(tiny_policy, monkeypatch):
+    import contextlib
+
+    from rlsc import sampling
+
+    model, tok = tiny_policy
+    prompts = ["[user]what is 2+3?<eos>[assistant]"]
+
+    def sample():
+        torch.manual_seed(3)
+        return sampling.generate_rollouts(model, tok, prompts, k=4, temperature=1.0, max_new_tokens=10)
+
+    fast = sample()
+    monkeypatch.setattr(sampling, "prepacked_lm_head", lambda model: contextlib.nullcontext())
+    plain = sample()
+    assert torch.equal(fast.completion_ids, plain.completion_ids)
+    assert torch.allclose(fast.token_logprobs, plain.token_logprobs, atol=1e-5)
