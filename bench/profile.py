@@ -57,14 +57,14 @@ def profile_step(args) -> dict:
     from rlsc.models import load_policy
     from rlsc.prompts import render_prompt
     from rlsc.sampling import generate_rollouts
-    from rlsc.trainer import backward_on_rollouts, trainable_parameters
+    from rlsc.trainer import backward_on_rollouts, make_optimizer, trainable_parameters
 
     cfg = load_config(None, [f"model.name={args.model}", "model.lora.enabled=false", f"sampling.k={args.k}",
                              f"train.micro_batch={args.k}", "train.lr=1e-6", *args.set])
     model, tokenizer = load_policy(cfg.model, cfg.paths.cache_dir)
     prompt = render_prompt(tokenizer, QUESTION, cfg.prompt)
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params.values(), lr=cfg.train.lr)
+    optimizer = make_optimizer(params, cfg.train)
 
     def sample():
         return generate_rollouts(model, tokenizer, [prompt], k=args.k, temperature=cfg.sampling.temperature,

@@ -121,17 +121,22 @@ def run(args) -> None:
 # ---------------------------------------------------------------- the summary
 
 
-def collapse_flags(metrics_path: Path) -> list[str]:
-    """Label-free warning signs over a training run: what a user would want flagged before trusting it."""
+def collapse_flags(metrics_path: Path, probe: list[dict] | None = None) -> list[str]:
+    """Warning signs over a training run, what a user would want flagged before trusting it: the
+    label-free signals (entropy halving, length halving or running to the cap, identical answers
+    across questions, the guard) and, when probed, held-out accuracy falling past its noise."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not rows:
         return ["no steps"]
     first, last = rows[0], rows[-1]
     flags = []
-    if first.get("entropy") and last["entropy"] < 0.2 * first["entropy"]:
+    if first.get("entropy") and last["entropy"] < 0.5 * first["entropy"]:
         flags.append(f"entropy {first['entropy']:.3f} -> {last['entropy']:.3f}")
     if last["completions/mean_length"] < 0.5 * first["completions/mean_length"]:
         flags.append(f"length {first['completions/mean_length']:.0f} -> {last['completions/mean_length']:.0f}")
+    clipped = (first.get("completions/clipped_ratio", 0.0), last.get("completions/clipped_ratio", 0.0))
+    if clipped[1] >= 0.9 > clipped[0]:  # the repetition loops of an over-sharpened policy
+        flags.append(f"samples run to the length cap: clipped {clipped[0]:.0%} -> {clipped[1]:.0%}")
     if last.get("guard/cross_question_identical", 0.0) > 0.2:
         flags.append(f"identical completions across questions {last['guard/cross_question_identical']:.2f}")
     warned = sorted({w for r in rows for w in r.get("guard/warnings", "").split(",") if w})
@@ -140,6 +145,11 @@ def collapse_flags(metrics_path: Path) -> list[str]:
     fired = [r for r in rows if "guard/fired" in r]
     if fired:
         flags.append(f"guard {fired[0]['guard/action']} at step {fired[0]['step']} ({fired[0]['guard/fired']})")
+    if probe and len(probe) > 1:
+        start, end = probe[0], probe[-1]
+        noise = 2 * (start["accuracy"] * (1 - start["accuracy"]) / start["n"]) ** 0.5  # 2 standard errors
+        if start["accuracy"] - end["accuracy"] > noise:
+            flags.append(f"probe accuracy fell {start['correct']}/{start['n']} -> {end['correct']}/{end['n']}")
     return flags
 
 
@@ -169,10 +179,10 @@ def summarize(args) -> dict:
     for arm, overrides in ARMS.items():
         run_dir = work / "train" / arm
         if (run_dir / "metrics.jsonl").is_file():
-            probe = run_dir / "probe.jsonl"
-            summary["arms"][arm] = {
-                "overrides": overrides, "flags": collapse_flags(run_dir / "metrics.jsonl"),
-                "probe": [json.loads(x) for x in probe.read_text().splitlines()] if probe.is_file() else []}
+            probe_file = run_dir / "probe.jsonl"
+            probe = [json.loads(x) for x in probe_file.read_text().splitlines()] if probe_file.is_file() else []
+            summary["arms"][arm] = {"overrides": overrides, "flags": collapse_flags(run_dir / "metrics.jsonl", probe),
+                                    "probe": probe}
     return summary
 
 

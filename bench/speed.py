@@ -308,6 +308,9 @@ def orchestrate(args) -> int:
     floors = measure_floors()
     print(f"floors: {floors}", file=sys.stderr)
     runs = []
+    if args.keep_other_runs:  # re-measure some implementations, keep the others' runs from speed.json
+        earlier = json.loads((out_dir / "speed.json").read_text())
+        runs = [r for r in earlier["runs"] if r["impl"] not in args.impls.split(",")]
     for model in args.models.split(","):
         for round_index in range(args.rounds):
             for impl in args.impls.split(","):
@@ -360,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], help="extra rlsc config overrides (both sides)")
     p.add_argument("--out", default=str(HERE / "results"), help="run: results folder; worker: result file")
     p.add_argument("--summarize-only", action="store_true", help="summarize the results folder's speed.json again")
+    p.add_argument("--keep-other-runs", action="store_true",
+                   help="keep the runs of implementations not in --impls from the folder's speed.json")
     return p
 
 

@@ -31,3 +31,32 @@ def test_quality_protocol_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, s
     assert "| rlsc-l2 |" in table and "maj@3" in table
     # a second call finds every stage done and only summarizes again
     assert quality.main(argv) == 0
+
+
+def _write_metrics(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_collapse_flags_catch_the_measured_entropy_minimisation_collapse(tmp_path):
+    """The entropy arm as measured (bench/RESULTS.md): entropy 0.185 -> 0.091, every sample at the
+    128-token cap, probe 16/32 -> 5/32; the L1 arm: length 96 -> 34, probe 16/32 -> 12/32 (noise)."""
+    from bench.quality import collapse_flags
+
+    def row(entropy, length, clipped):
+        return {"entropy": entropy, "completions/mean_length": length, "completions/clipped_ratio": clipped}
+
+    def probe(*correct):
+        return [{"steps_done": 2 * i, "correct": c, "n": 32, "accuracy": c / 32} for i, c in enumerate(correct)]
+
+    entropy_arm = _write_metrics(tmp_path / "entropy.jsonl", [row(0.185, 96, 0.56), row(0.091, 128, 1.0)])
+    flags = collapse_flags(entropy_arm, probe(16, 10, 5))
+    assert any(f.startswith("entropy 0.185 -> 0.091") for f in flags)
+    assert any("length cap" in f for f in flags)
+    assert "probe accuracy fell 16/32 -> 5/32" in flags
+
+    l1_arm = _write_metrics(tmp_path / "l1.jsonl", [row(0.185, 96, 0.56), row(0.139, 34, 0.0)])
+    assert collapse_flags(l1_arm, probe(16, 17, 12)) == ["length 96 -> 34"]  # 4/32 is within 2 SE
+
+    healthy = _write_metrics(tmp_path / "healthy.jsonl", [row(0.185, 96, 0.56), row(0.17, 78, 0.3)])
+    assert collapse_flags(healthy, probe(16, 16, 19)) == []
