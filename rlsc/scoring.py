@@ -6,7 +6,7 @@ materialised for all sequences at once (at 151,936 tokens it, not the weights, d
 When every row of a micro-batch has the same prompt (the k samples of one question), the prompt
 is run once and the completions are packed side by side without padding, attending to the prompt's
 KV cache and their own row through a block mask; gradients flow back into the prompt, so the
-result and its gradient are exactly those of running each row in full.
+result and its gradient equal, to float rounding, those of running each padded row in full.
 """
 
 from __future__ import annotations
