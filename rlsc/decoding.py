@@ -1,15 +1,17 @@
 """Two speedups of the decoding loop on CPU, each measured with bench/profile.py.
 
-A KV cache that grows in place instead of by concatenation: transformers' DynamicCache appends each decode step's keys and values with `torch.cat`, which
-copies the whole cache of every layer on every token: for 16 rows that is most of a step's memory
+A KV cache that grows in place instead of by concatenation: transformers' DynamicCache appends
+each decode step's keys and values with `torch.cat`, which copies the whole cache of every layer on every token: for 16 rows that is most of a step's memory
 traffic after the weights (measured: 13% of SmolLM2's sampling time). Here each layer keeps a
 buffer with room for `reserve` more positions; a step writes its slot and the layer's keys/values
 are views of the filled part. Values are bit-identical to DynamicCache's (tested).
 
 A prepacked LM head: with 16 rows per decode step, MKL's fp32 GEMM streams the vocabulary
-projection (49k-152k x hidden) from memory at about a third of the copy bandwidth; oneDNN with
-the weight reordered once per sampling call runs it about 2x faster (bench/profile.py). Logits
-agree with the plain projection to float rounding (different summation order), not bit for bit.
+projection (49k-152k x hidden) from memory at about a third of the copy bandwidth; oneDNN on a
+copy of the weight made once per sampling call ran Qwen's head 2.1x faster in isolation (one
+thread) and sampling 15-20% faster at one thread; at two threads the speed benchmark saw no
+difference beyond its noise (bench/RESULTS.md). The copy costs the head's size in memory while
+sampling. Logits agree with the plain projection to float rounding, not bit for bit.
 """
 
 from __future__ import annotations

@@ -176,3 +176,21 @@ def test_probe_scores_held_out_problems_before_and_every_n_steps(tmp_path):
     records = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
     assert ["probe/accuracy" in r for r in records] == [False, True, False, True]
     assert records[1]["probe/accuracy"] == lines[1]["accuracy"]  # the record says what the file says
+
+
+def test_optimizer_is_fused_on_cpu_and_steps_like_the_default_adamw():
+    from rlsc.config import TrainConfig
+    from rlsc.trainer import make_optimizer
+
+    train = TrainConfig(lr=1e-2, weight_decay=0.1)
+    fused_param = torch.nn.Parameter(torch.linspace(-1, 1, 50))
+    plain_param = torch.nn.Parameter(fused_param.detach().clone())
+    fused = make_optimizer({"w": fused_param}, train)
+    plain = torch.optim.AdamW([plain_param], lr=train.lr, weight_decay=train.weight_decay, betas=train.betas)
+    assert fused.defaults["fused"] is True
+    for step in range(5):
+        for param, opt in ((fused_param, fused), (plain_param, plain)):
+            param.grad = torch.cos(torch.arange(50.0) + step)
+            opt.step()
+    assert not torch.equal(fused_param, torch.linspace(-1, 1, 50))  # it moved
+    assert torch.allclose(fused_param, plain_param, atol=1e-6)
