@@ -17,10 +17,11 @@ ENV PIP_NO_CACHE_DIR=1 \
     DO_NOT_TRACK=true \
     DVC_NO_ANALYTICS=1
 
-# git: lineage tags (commit) and DVC; Debian's stable git, not pinned to a point release
+# git: lineage tags (commit) and DVC; gcc: builds the decode kernel (rlsc/kernels) on first use;
+# Debian's stable packages, not pinned to a point release
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends git \
+    && apt-get install -y --no-install-recommends git gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 
 # operator name -> kind of work (first match wins); anything else is "other"
 KINDS = (
-    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "mkldnn")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "mkldnn", "rlsc::skinny_linear")),
     ("attention", ("scaled_dot_product", "flash_attention")),
     ("kv cache / concat", ("aten::cat", "aten::index", "aten::repeat_interleave")),
     ("vocabulary statistics", ("log_softmax", "aten::exp", "aten::cumsum", "aten::searchsorted",

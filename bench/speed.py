@@ -11,7 +11,8 @@ Each implementation runs in its own process (so peak RSS is its own), warm-up st
 timed steps; the processes alternate rlsc, trl, rlsc, trl ... for `--rounds` rounds. The machine's
 floors are measured in the same run (memory copy bandwidth, fp32 matmul throughput) and each phase
 is reported against its floor (`phase_floors`):
-  sampling floor = the larger of decode steps x bytes of the matmul weights / copy bandwidth (every
+  sampling floor = the prompt's prefill (2 x matmul params x prompt tokens / matmul throughput) plus
+                   the larger of decode steps x bytes of the matmul weights / read bandwidth (every
                    decode step must read all weights once; decode steps = the longest completion)
                    and 2 x matmul params x sampled tokens / matmul throughput;
   update floor   = 6 x matmul params x tokens / matmul throughput (forward + backward, full FT),
@@ -44,25 +45,30 @@ QUESTION = ("A baker makes 24 muffins in the morning and 18 in the afternoon. Sh
 
 
 def measure_floors(seconds: float = 2.0) -> dict[str, float]:
-    """Memory copy bandwidth (GB copied per second, as in the issue's 23.5 GB/s) and fp32 matmul throughput (GFLOP/s)."""
+    """Memory bandwidth two ways and fp32 matmul throughput (GFLOP/s).
+
+    read_GBps: bytes read per second by a reduction, the rate a decode step can stream weights at
+    (weights are only read) and the sampling floor's bandwidth; copy_GBps: bytes copied per second,
+    the issue's 23.5 GB/s figure (a copy also writes, so it is lower than the read rate)."""
     import torch
 
     src = torch.ones(64 * 1024 * 1024 // 4 * 8)  # 256 MB, well past the caches
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        dst.copy_(src)
-        runs += 1
-    copy_gbs = src.numel() * 4 * runs / (time.perf_counter() - start) / 1e9  # bytes copied per second
+
+    def rate(work) -> float:
+        work()
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            work()
+            runs += 1
+        return runs / (time.perf_counter() - start)
+
+    copy_gbs = src.numel() * 4 * rate(lambda: dst.copy_(src)) / 1e9
+    read_gbs = src.numel() * 4 * rate(src.sum) / 1e9
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        runs += 1
-    gflops = 2 * 2048**3 * runs / (time.perf_counter() - start) / 1e9
-    return {"copy_GBps": copy_gbs, "matmul_GFLOPs": gflops, "torch_threads": torch.get_num_threads()}
+    gflops = 2 * 2048**3 * rate(lambda: a @ b) / 1e9
+    return {"copy_GBps": copy_gbs, "read_GBps": read_gbs, "matmul_GFLOPs": gflops,
+            "torch_threads": torch.get_num_threads()}
 
 
 def matmul_params(model) -> tuple[int, int]:
@@ -211,18 +217,24 @@ def phase_floors(matmul_params: int, weight_bytes: int, prompt_tokens: int, k: i
                  decode_steps: float, floors: dict) -> dict[str, float]:
     """Seconds no implementation can beat on this machine, per phase (fp32, full fine-tuning).
 
-    sample_s: each decode step reads every matmul weight once (bandwidth), and each sampled token
+    sample_s = sample_prefill_s + sample_decode_s:
+      prefill: the shared prompt read once, 2 FLOPs per weight per prompt token;
+      decode: each decode step reads every matmul weight once (bandwidth), and each sampled token
       costs 2 FLOPs per weight (compute): the larger of the two (a roofline);
     update_s: the issue's estimate, 6 FLOPs per weight per token (forward + backward) over every
       sample's prompt and completion;
     update_min_s: the same over what the gradient needs at least: the shared prompt once and each
       completion token once.
     """
-    bandwidth, throughput = floors["copy_GBps"] * 1e9, floors["matmul_GFLOPs"] * 1e9
+    # runs recorded before read_GBps was measured used the copy rate
+    bandwidth = floors.get("read_GBps", floors["copy_GBps"]) * 1e9
+    throughput = floors["matmul_GFLOPs"] * 1e9
     sample_tokens = k * mean_length
+    prefill = 2 * matmul_params * prompt_tokens / throughput
     decode = max(decode_steps * weight_bytes / bandwidth, 2 * matmul_params * sample_tokens / throughput)
     per_token = 6 * matmul_params / throughput
-    return {"sample_s": decode, "update_s": per_token * k * (prompt_tokens + mean_length),
+    return {"sample_s": prefill + decode, "sample_prefill_s": prefill, "sample_decode_s": decode,
+            "update_s": per_token * k * (prompt_tokens + mean_length),
             "update_min_s": per_token * (prompt_tokens + k * mean_length)}
 
 
@@ -256,7 +268,8 @@ def summarize(runs: list[dict], floors: dict) -> dict:
 
 
 def markdown(summary: dict, floors: dict, meta: dict) -> str:
-    lines = [(f"Machine: {meta['machine']}; copy {floors['copy_GBps']:.1f} GB/s, fp32 matmul "
+    read = f"read {floors['read_GBps']:.1f} GB/s, " if "read_GBps" in floors else ""
+    lines = [(f"Machine: {meta['machine']}; {read}copy {floors['copy_GBps']:.1f} GB/s, fp32 matmul "
              f"{floors['matmul_GFLOPs']:.0f} GFLOP/s ({floors['torch_threads']} threads), measured in this run. "
              f"torch {meta['torch']}, transformers {meta['transformers']}, trl {meta['trl']}; {meta['date']}."), "",
              ("| model | impl | timed steps | median step s | sample s (floor, ×) | update s (floor: issue's / "

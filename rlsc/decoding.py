@@ -6,23 +6,38 @@ traffic after the weights (measured: 13% of SmolLM2's sampling time). Here each 
 buffer with room for `reserve` more positions; a step writes its slot and the layer's keys/values
 are views of the filled part. Values are bit-identical to DynamicCache's (tested).
 
-A prepacked LM head: with 16 rows per decode step, MKL's fp32 GEMM streams the vocabulary
-projection (49k-152k x hidden) from memory at about a third of the copy bandwidth; oneDNN on a
-copy of the weight made once per sampling call ran Qwen's head 2.1x faster in isolation (one
-thread) and sampling 15-20% faster at one thread; at two threads the speed benchmark saw no
-difference beyond its noise (bench/RESULTS.md). The copy costs the head's size in memory while
-sampling. Logits agree with the plain projection to float rounding, not bit for bit.
+A decode kernel for the linear layers: with k (~16) rows per decode step every linear layer is a
+skinny matrix product whose cost is reading its weight. MKL's sgemm packs the weight on every
+call at so few rows and streamed Qwen's MLP and vocabulary weights at 2.6-3.5 GB/s here (read
+bandwidth: ~15 GB/s); rlsc/kernels/skinny_linear.c reads each weight once in its nn.Linear
+layout (no copy) and reached 7.6-14 GB/s on the same shapes at two threads (bench/RESULTS.md).
+It is compiled with the system C compiler on first use into the model cache; where it cannot
+run (not x86-64 with AVX2, no compiler, RLSC_DECODE_KERNEL=0) the layers run as before. Outputs
+agree with nn.Linear to float rounding (a different summation order), not bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from functools import partial
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
+
+from rlsc.models import cache_root
+
+log = logging.getLogger(__name__)
 
 
 class ReservedLayer(DynamicLayer):
@@ -97,31 +112,101 @@ class ReservedCache(DynamicCache):
         Cache.__init__(self, layer_class_to_replicate=partial(ReservedLayer, reserve))
 
 
-def _can_prepack(head) -> bool:
-    weight = getattr(head, "weight", None)
+# ---------------------------------------------------------------- the skinny-matrix decode kernel
+
+KERNEL_SOURCE = Path(__file__).with_name("kernels") / "skinny_linear.c"
+KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+# measured at two threads on Qwen's shapes: faster than MKL from 1 to 64 rows (1.2-13x); prefill
+# (the prompt's tokens) and scoring have more rows and stay on MKL
+MAX_KERNEL_ROWS = 64
+
+
+def _compile_kernel(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial_file = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        subprocess.run([compiler, *KERNEL_FLAGS, "-o", str(partial_file), str(KERNEL_SOURCE)],
+                       check=True, capture_output=True, text=True, timeout=120)
+        os.replace(partial_file, target)  # whole or absent: a concurrent process never loads half a file
+    finally:
+        partial_file.unlink(missing_ok=True)
+
+
+@functools.cache
+def skinny_kernel() -> Callable | None:
+    """The compiled kernel as f(x2d, weight, bias, out), or None where it cannot run (the reason logged once)."""
+    if os.environ.get("RLSC_DECODE_KERNEL", "1") == "0":
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64") or \
+            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        log.info("decode kernel off: needs x86-64 with AVX2 (this CPU: %s %s)", platform.machine(),
+                 torch.backends.cpu.get_cpu_capability())
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("decode kernel off: no C compiler (cc/gcc) on PATH; sampling uses torch's matmul")
+        return None
+    key = hashlib.sha256(KERNEL_SOURCE.read_bytes() + " ".join((compiler, *KERNEL_FLAGS)).encode()).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"skinny_linear-{key}.so"
+    try:
+        if not target.is_file():
+            _compile_kernel(compiler, target)
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", None) or err
+        log.warning("decode kernel off: building %s with %s failed (%s); sampling uses torch's matmul",
+                    KERNEL_SOURCE.name, compiler, str(detail).strip()[-400:])
+        return None
+    run = library.rlsc_skinny_linear
+    run.restype = None
+    run.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+
+    def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+        (rows, inner), outer = x.shape, weight.shape[0]
+        run(x.data_ptr(), x.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+            out.data_ptr(), rows, outer, inner, torch.get_num_threads())
+
+    return skinny_linear
+
+
+def _kernel_ready(linear: torch.nn.Module) -> bool:
+    weight, bias = getattr(linear, "weight", None), getattr(linear, "bias", None)
     # a forward already set on the instance is a hook (accelerate's device placement): leave it be
-    return (type(head) is torch.nn.Linear and "forward" not in vars(head) and weight is not None
-            and weight.device.type == "cpu"
-            and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    return (type(linear) is torch.nn.Linear and "forward" not in vars(linear) and weight is not None
+            and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())))
+
+
+def _kernel_forward(linear: torch.nn.Linear, kernel: Callable) -> Callable:
+    plain = torch.nn.Linear.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+        if (not 0 < rows <= MAX_KERNEL_ROWS or x.dtype != torch.float32 or x.device.type != "cpu"
+                or (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))):
+            return plain(linear, x)  # the kernel has no backward: anything autograd sees stays on torch
+        flat = x.reshape(rows, x.shape[-1])
+        if flat.stride(-1) != 1:
+            flat = flat.contiguous()
+        out = torch.empty(rows, linear.out_features, dtype=torch.float32)
+        with torch.profiler.record_function("rlsc::skinny_linear"):  # else profiles cannot see it
+            kernel(flat, linear.weight, linear.bias, out)
+        return out.view(*x.shape[:-1], linear.out_features)
+
+    return forward
 
 
 @contextlib.contextmanager
-def prepacked_lm_head(model) -> Iterator[None]:
-    """Within the block (no gradients), the model's output projection runs on a oneDNN copy of
-    its weight; anywhere that is not a plain fp32 Linear on CPU it is left alone."""
-    head = model.get_output_embeddings()
-    if not _can_prepack(head):
-        yield
-        return
-    packed = head.weight.detach().to_mkldnn()  # a copy: the weights may change after the block
-    bias = None if head.bias is None else head.bias.detach()
-
-    def forward(hidden: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(hidden, packed, bias, "none", [], "")
-
-    head.forward = forward  # an instance attribute shadows the class's forward
+def decode_kernel(model) -> Iterator[None]:
+    """Within the block, the model's plain fp32 CPU Linear layers run few-row inputs on the skinny
+    kernel; everything else (and everything, where the kernel is unavailable) is left alone."""
+    kernel = skinny_kernel()
+    layers = [m for m in model.modules() if _kernel_ready(m)] if kernel is not None else []
+    for layer in layers:
+        layer.forward = _kernel_forward(layer, kernel)  # an instance attribute shadows the class's forward
     try:
         yield
     finally:
-        del head.forward
+        for layer in layers:
+            del layer.forward

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from rlsc import confidence as conf
-from rlsc.decoding import ReservedCache, prepacked_lm_head
+from rlsc.decoding import ReservedCache, decode_kernel
 
 
 @dataclass
@@ -211,7 +211,7 @@ def generate_rollouts(
     model.eval()
     start = time.perf_counter()
 
-    with prepacked_lm_head(model):
+    with decode_kernel(model):
         recorder = decode(model, prompt_tokens, pad_id, eos, k=k, temperature=temperature,
                           max_new_tokens=max_new_tokens, greedy=greedy)
     seconds = time.perf_counter() - start

@@ -35,18 +35,20 @@ def test_speed_bench_runs_both_implementations(tiny_model_dir, tmp_path):
 
 def test_floor_measurement_is_positive():
     floors = speed.measure_floors(seconds=0.2)
-    assert floors["copy_GBps"] > 0 and floors["matmul_GFLOPs"] > 0
+    assert floors["copy_GBps"] > 0 and floors["read_GBps"] > 0 and floors["matmul_GFLOPs"] > 0
 
 
 def test_phase_floors_reproduce_the_issues_own_estimates():
     """The issue's arithmetic for Qwen 0.5B (630M parameters, 2.5 GB fp32) at 23.5 GB/s and
     260 GFLOP/s: sampling 16 x 128 tokens >= ~14 s, the update of 16 x 160 tokens ~37 s."""
     params, weight_bytes = 630_000_000, 630_000_000 * 4
-    floors = {"copy_GBps": 23.5, "matmul_GFLOPs": 260.0}
+    floors = {"copy_GBps": 12.0, "read_GBps": 23.5, "matmul_GFLOPs": 260.0}  # weights are read, not copied
     f = speed.phase_floors(params, weight_bytes, prompt_tokens=32, k=16, mean_length=128, decode_steps=128,
                            floors=floors)
-    assert f["sample_s"] == pytest.approx(128 * 2.52e9 / 23.5e9)  # 13.7 s: bandwidth bound
-    assert f["sample_s"] == pytest.approx(13.7, abs=0.1)
+    assert f["sample_decode_s"] == pytest.approx(128 * 2.52e9 / 23.5e9)  # 13.7 s: bandwidth bound
+    assert f["sample_decode_s"] == pytest.approx(13.7, abs=0.1)
+    assert f["sample_prefill_s"] == pytest.approx(2 * 630e6 * 32 / 260e9)  # the prompt, read once
+    assert f["sample_s"] == pytest.approx(f["sample_prefill_s"] + f["sample_decode_s"])
     assert f["update_s"] == pytest.approx(6 * 630e6 * 16 * 160 / 260e9)  # 37.2 s
     assert f["update_s"] == pytest.approx(37.2, abs=0.1)
     # the shared prompt counted once: 32 + 16 x 128 tokens instead of 16 x 160
@@ -61,4 +63,4 @@ def test_sampling_floor_is_compute_bound_when_many_rows_share_a_decode_step():
                            floors=floors)
     bandwidth = 10 * 4e6 / 10e9  # 4 ms
     compute = 2 * 1e6 * 1000 * 10 / 100e9  # 200 ms
-    assert f["sample_s"] == pytest.approx(max(bandwidth, compute)) == pytest.approx(0.2)
+    assert f["sample_s"] == pytest.approx(max(bandwidth, compute)) == pytest.approx(0.2)  # no prompt

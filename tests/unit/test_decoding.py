@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -57,26 +58,69 @@ def test_sampling_with_the_reserved_cache_is_bit_identical(tiny_policy, monkeypa
     assert torch.equal(fast.token_entropy, plain.token_entropy)
 
 
-def test_prepacked_lm_head_matches_the_plain_projection_and_is_restored(tiny_policy):
-    from rlsc.decoding import prepacked_lm_head
+def _kernel_or_skip():
+    """The kernel where it is meant to run (x86-64 with AVX2 and a C compiler): there it must build."""
+    import platform
+    import shutil
 
+    from rlsc.decoding import skinny_kernel
+
+    kernel = skinny_kernel()
+    buildable = (platform.machine().lower() in ("x86_64", "amd64") and shutil.which("cc") is not None
+                 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+    if kernel is None and not buildable:
+        pytest.skip("the decode kernel needs x86-64 with AVX2 and a C compiler")
+    assert kernel is not None, "the decode kernel should build here (cc, x86-64, AVX2)"
+    return kernel
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 64])
+@pytest.mark.parametrize("outer,inner", [(1, 1), (2, 7), (3, 8), (7, 9), (12, 33), (130, 96)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_skinny_kernel_equals_a_float64_matmul(rows, outer, inner, with_bias):
+    """Every edge of the 4x3 blocking (rows and weight rows short of a block, inner sizes short of
+    and past a multiple of 8) against an independent float64 product; x a strided slice."""
+    kernel = _kernel_or_skip()
+    g = torch.Generator().manual_seed(rows * 1000 + outer * 10 + inner)
+    wide = torch.randn(rows, inner + 5, generator=g)
+    x = wide[:, 2:2 + inner]  # row stride inner + 5: the kernel honours it
+    weight, bias = torch.randn(outer, inner, generator=g), torch.randn(outer, generator=g) if with_bias else None
+    out = torch.full((rows, outer), float("nan"))
+    kernel(x, weight, bias, out)
+    expected = x.double() @ weight.double().T + (bias.double() if with_bias else 0)
+    assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5 * inner ** 0.5)
+
+
+def test_decode_kernel_matches_the_plain_model_and_is_restored(tiny_policy, monkeypatch):
+    from rlsc import decoding
+    from rlsc.decoding import MAX_KERNEL_ROWS, decode_kernel
+
+    kernel, calls = _kernel_or_skip(), []
+    monkeypatch.setattr(decoding, "skinny_kernel", lambda: lambda *a: calls.append(1) or kernel(*a))
     model, _ = tiny_policy
-    head = model.get_output_embeddings()
-    hidden = torch.randn(5, 1, head.in_features)
+    ids = torch.randint(0, model.config.vocab_size, (6, 1))
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     with torch.no_grad():
-        plain = head(hidden)
-        with prepacked_lm_head(model):
-            assert "forward" in vars(head) or not torch.backends.mkldnn.is_available()
-            packed = head(hidden)
-    assert "forward" not in vars(head)  # the class's forward again: training sees the real weights
-    assert torch.allclose(packed, plain, atol=1e-5)
+        plain = model(ids).logits
+        with decode_kernel(model):
+            assert all("forward" in vars(m) for m in linears)
+            fast = model(ids).logits
+            long_input = torch.randn(MAX_KERNEL_ROWS + 1, linears[0].in_features)
+            assert torch.equal(linears[0](long_input), torch.nn.functional.linear(long_input, linears[0].weight,
+                                                                                 linears[0].bias))  # torch's path
+    with decode_kernel(model):  # autograd on: torch's path, so gradients flow
+        assert model(ids).logits.requires_grad
+    assert not any("forward" in vars(m) for m in linears)  # the class's forward again
+    assert torch.allclose(fast, plain, atol=1e-5)
+    assert len(calls) >= len(linears)  # the kernel really ran, once per layer at least
 
 
-def test_sampling_with_the_prepacked_head_draws_the_same_tokens(tiny_policy, monkeypatch):
+def test_sampling_with_the_decode_kernel_draws_the_same_tokens(tiny_policy, monkeypatch):
     import contextlib
 
     from rlsc import sampling
 
+    _kernel_or_skip()
     model, tok = tiny_policy
     prompts = ["[user]what is 2+3?<eos>[assistant]"]
 
@@ -85,7 +129,36 @@ def test_sampling_with_the_prepacked_head_draws_the_same_tokens(tiny_policy, mon
         return sampling.generate_rollouts(model, tok, prompts, k=4, temperature=1.0, max_new_tokens=10)
 
     fast = sample()
-    monkeypatch.setattr(sampling, "prepacked_lm_head", lambda model: contextlib.nullcontext())
+    monkeypatch.setattr(sampling, "decode_kernel", lambda model: contextlib.nullcontext())
     plain = sample()
     assert torch.equal(fast.completion_ids, plain.completion_ids)
     assert torch.allclose(fast.token_logprobs, plain.token_logprobs, atol=1e-5)
+
+
+def test_a_failing_compiler_turns_the_kernel_off_with_a_warning(tmp_path, monkeypatch, caplog):
+    """No half-built library is left behind, and the model still runs (torch's matmul)."""
+    from rlsc import decoding
+
+    monkeypatch.setenv("RLSC_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    decoding.skinny_kernel.cache_clear()
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the kernel is off on this CPU before any compiler runs")
+    try:
+        with caplog.at_level("WARNING", logger="rlsc.decoding"):
+            assert decoding.skinny_kernel() is None
+        assert "decode kernel off" in caplog.text and "false" in caplog.text
+        assert list(tmp_path.rglob("*.so*")) == []
+    finally:
+        decoding.skinny_kernel.cache_clear()
+
+
+def test_the_kernel_can_be_switched_off(monkeypatch):
+    from rlsc import decoding
+
+    monkeypatch.setenv("RLSC_DECODE_KERNEL", "0")
+    decoding.skinny_kernel.cache_clear()
+    try:
+        assert decoding.skinny_kernel() is None
+    finally:
+        decoding.skinny_kernel.cache_clear()
