@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 60
 export PREFECT_HOME ?= $(CURDIR)/outputs/.prefect
 
-.PHONY: install demo test lint clean retrain serve repro prefect-server mlflow-ui bench-speed bench-profile bench-quality bench-collapse
+.PHONY: install demo test lint clean retrain serve repro prefect-server mlflow-ui bench-speed bench-profile bench-kernel bench-quality bench-collapse
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	python3 -m venv $(VENV)
@@ -58,6 +58,9 @@ bench-speed: install        ## rlsc vs TRL GRPOTrainer, one step = 1 question x 
 
 bench-profile: install      ## where an rlsc step's time goes (torch.profiler), per phase and kind of work
 	$(PY) -m bench.profile $(BENCH_ARGS)
+
+bench-kernel: install       ## the decode kernel vs torch's matmul on the model's layer shapes, by rows per call
+	$(PY) -m bench.kernel $(BENCH_ARGS)
 
 bench-quality: install      ## base vs RLSC arms on generated + GSM8K held-out sets, with controls
 	$(PY) -m bench.quality --arms rlsc-l2,rlsc-l1,rlsc-l2-token-mean,entropy $(BENCH_ARGS)

@@ -115,7 +115,28 @@ def run(args) -> None:
                           trained=final)
     for name in args.sets if args.maj_n else ():
         sampled = base_config(args, f"eval.k={args.k}")
-        evaluate_once(args, sampled, paths[f"{name}-k"], Path(args.work) / "eval" / f"base-k{args.k}" / name)
+        evaluate_once(args, sampled, paths[f"{name}-k"], sampled_dir(args, name, args.maj_n))
+
+
+def sampled_dir(args, name: str, n: int) -> Path:
+    """Where the base model's k samples on the first n problems of a set go (n in the name, so a
+    larger subset is a new run, not a stale reuse of a smaller one)."""
+    return Path(args.work) / "eval" / f"base-k{args.k}-n{n}" / name
+
+
+def largest_sampled_run(args, name: str) -> Path | None:
+    runs = [p for p in (Path(args.work) / "eval").glob(f"base-k{args.k}-n*/{name}/metrics.json")]
+    return max(runs, key=lambda p: int(p.parent.parent.name.rsplit("-n", 1)[1]), default=None)
+
+
+def greedy_on_subset(records_path: Path, subset: list[dict]) -> dict:
+    """Greedy correct on the problems the base model was sampled on: RLSC pass@1 against base maj@k
+    on the same problems (does training internalise majority voting?)."""
+    from rlsc.evaluate import read_records
+
+    ids = {r["id"] for r in subset}
+    hits = [bool(r["correct"]) for r in read_records(records_path) if r["id"] in ids]
+    return {"correct": sum(hits), "n": len(hits)}
 
 
 # ---------------------------------------------------------------- the summary
@@ -166,8 +187,11 @@ def summarize(args) -> dict:
         base = _metrics(work / "eval" / "base" / name / "metrics.json")
         if base is None:
             continue
-        entry = {"base": base, "base_sampled": _metrics(work / "eval" / f"base-k{args.k}" / name / "metrics.json"),
-                 "arms": {}}
+        sampled_path = largest_sampled_run(args, name)
+        subset = read_records(sampled_path.with_name("problems.jsonl")) if sampled_path else []
+        entry = {"base": base, "base_sampled": _metrics(sampled_path) if sampled_path else None, "arms": {}}
+        if subset:
+            entry["base_greedy_on_sampled"] = greedy_on_subset(work / "eval" / "base" / name / "problems.jsonl", subset)
         for arm in ARMS:
             trained = _metrics(work / "eval" / arm / name / "metrics.json")
             if trained is None:
@@ -175,6 +199,9 @@ def summarize(args) -> dict:
             diff = compare(read_records(work / "eval" / "base" / name / "problems.jsonl"),
                            read_records(work / "eval" / arm / name / "problems.jsonl"), seed=0)
             entry["arms"][arm] = {"metrics": trained, "paired": diff}
+            if subset:
+                entry["arms"][arm]["greedy_on_sampled"] = greedy_on_subset(
+                    work / "eval" / arm / name / "problems.jsonl", subset)
         summary["sets"][name] = entry
     for arm, overrides in ARMS.items():
         run_dir = work / "train" / arm
@@ -211,6 +238,12 @@ def markdown(summary: dict, args) -> str:
                       f"{sampled['pass@1']['n']} problems: greedy {_pct(sampled['pass@1'])}, sample accuracy "
                       f"{100 * sampled['sample_accuracy']['value']:.1f}%, maj@{k} {_pct(sampled[f'maj@{k}'])}, "
                       f"pass@{k} {100 * sampled[f'pass@{k}']['value']:.1f}%.")]
+            on_subset = [f"{arm} {r['greedy_on_sampled']['correct']}/{r['greedy_on_sampled']['n']}"
+                         for arm, r in entry["arms"].items() if "greedy_on_sampled" in r]
+            if on_subset:
+                lines.append(f"Greedy pass@1 of the trained models on the same problems (vs base maj@{k} "
+                             f"{sampled[f'maj@{k}'].get('correct', '')}/{sampled[f'maj@{k}']['n']}): "
+                             f"{', '.join(on_subset)}.")
         lines.append("")
     if summary["arms"]:
         lines += ["### Training runs: collapse flags and the held-out probe", "",

@@ -73,3 +73,22 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"benchmark data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture()
+def skinny_kernel():
+    """The decode kernel where it is meant to run (x86-64 with AVX2 and a C compiler): there it must build."""
+    import platform
+    import shutil
+
+    import torch
+
+    from rlsc.decoding import skinny_kernel as build
+
+    kernel = build()
+    buildable = (platform.machine().lower() in ("x86_64", "amd64") and shutil.which("cc") is not None
+                 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+    if kernel is None and not buildable:
+        pytest.skip("the decode kernel needs x86-64 with AVX2 and a C compiler")
+    assert kernel is not None, "the decode kernel should build here (cc, x86-64, AVX2)"
+    return kernel

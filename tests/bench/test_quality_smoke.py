@@ -25,12 +25,27 @@ def test_quality_protocol_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, s
     for entry in summary["sets"].values():
         assert set(entry["arms"]) == {"rlsc-l2", "entropy"}
         assert entry["base_sampled"]["maj@3"]["n"] == 2
+        assert entry["arms"]["rlsc-l2"]["greedy_on_sampled"]["n"] == 2  # the same 2 problems, greedy
     assert [p["steps_done"] for p in summary["arms"]["rlsc-l2"]["probe"]] == [0, 1, 2]
     assert (out / "quality-per-step.png").stat().st_size > 0 and (out / "quality-accuracy.png").stat().st_size > 0
     table = (out / "quality.md").read_text()
     assert "| rlsc-l2 |" in table and "maj@3" in table
     # a second call finds every stage done and only summarizes again
     assert quality.main(argv) == 0
+
+
+def test_the_largest_sampled_subset_is_summarized_and_scored_on_the_same_problems(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(work=str(tmp_path), k=16)
+    for n in (16, 32, 4):
+        quality.sampled_dir(args, "gsm8k", n).mkdir(parents=True)
+        (quality.sampled_dir(args, "gsm8k", n) / "metrics.json").write_text("{}")
+    assert quality.largest_sampled_run(args, "gsm8k") == quality.sampled_dir(args, "gsm8k", 32) / "metrics.json"
+    assert quality.largest_sampled_run(args, "generated") is None
+    greedy = _write_metrics(tmp_path / "greedy.jsonl", [{"id": i, "correct": c} for i, c in
+                                                        [("a", True), ("b", False), ("c", True), ("d", True)]])
+    assert quality.greedy_on_subset(greedy, [{"id": "a"}, {"id": "b"}, {"id": "d"}]) == {"correct": 2, "n": 3}
 
 
 def _write_metrics(path, rows):

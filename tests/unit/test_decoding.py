@@ -58,29 +58,13 @@ def test_sampling_with_the_reserved_cache_is_bit_identical(tiny_policy, monkeypa
     assert torch.equal(fast.token_entropy, plain.token_entropy)
 
 
-def _kernel_or_skip():
-    """The kernel where it is meant to run (x86-64 with AVX2 and a C compiler): there it must build."""
-    import platform
-    import shutil
-
-    from rlsc.decoding import skinny_kernel
-
-    kernel = skinny_kernel()
-    buildable = (platform.machine().lower() in ("x86_64", "amd64") and shutil.which("cc") is not None
-                 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
-    if kernel is None and not buildable:
-        pytest.skip("the decode kernel needs x86-64 with AVX2 and a C compiler")
-    assert kernel is not None, "the decode kernel should build here (cc, x86-64, AVX2)"
-    return kernel
-
-
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 64])
 @pytest.mark.parametrize("outer,inner", [(1, 1), (2, 7), (3, 8), (7, 9), (12, 33), (130, 96)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_skinny_kernel_equals_a_float64_matmul(rows, outer, inner, with_bias):
+def test_skinny_kernel_equals_a_float64_matmul(rows, outer, inner, with_bias, skinny_kernel):
     """Every edge of the 4x3 blocking (rows and weight rows short of a block, inner sizes short of
     and past a multiple of 8) against an independent float64 product; x a strided slice."""
-    kernel = _kernel_or_skip()
+    kernel = skinny_kernel
     g = torch.Generator().manual_seed(rows * 1000 + outer * 10 + inner)
     wide = torch.randn(rows, inner + 5, generator=g)
     x = wide[:, 2:2 + inner]  # row stride inner + 5: the kernel honours it
@@ -91,11 +75,11 @@ def test_skinny_kernel_equals_a_float64_matmul(rows, outer, inner, with_bias):
     assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5 * inner ** 0.5)
 
 
-def test_decode_kernel_matches_the_plain_model_and_is_restored(tiny_policy, monkeypatch):
+def test_decode_kernel_matches_the_plain_model_and_is_restored(tiny_policy, monkeypatch, skinny_kernel):
     from rlsc import decoding
     from rlsc.decoding import MAX_KERNEL_ROWS, decode_kernel
 
-    kernel, calls = _kernel_or_skip(), []
+    kernel, calls = skinny_kernel, []
     monkeypatch.setattr(decoding, "skinny_kernel", lambda: lambda *a: calls.append(1) or kernel(*a))
     model, _ = tiny_policy
     ids = torch.randint(0, model.config.vocab_size, (6, 1))
@@ -115,12 +99,11 @@ def test_decode_kernel_matches_the_plain_model_and_is_restored(tiny_policy, monk
     assert len(calls) >= len(linears)  # the kernel really ran, once per layer at least
 
 
-def test_sampling_with_the_decode_kernel_draws_the_same_tokens(tiny_policy, monkeypatch):
+def test_sampling_with_the_decode_kernel_draws_the_same_tokens(tiny_policy, monkeypatch, skinny_kernel):
     import contextlib
 
     from rlsc import sampling
 
-    _kernel_or_skip()
     model, tok = tiny_policy
     prompts = ["[user]what is 2+3?<eos>[assistant]"]
 
