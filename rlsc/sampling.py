@@ -7,8 +7,8 @@ the work that dominates on CPU is avoidable there:
 - a sequence that has ended leaves the batch, so nobody pays for padding after EOS;
 - every statistic is recorded from the very distribution each token was drawn from, softmax of
   logits / T with no top-k, top-p or penalty, so the recorded log-probs are exactly log p_old:
-  no second forward pass is needed for the RLSC weights (the LM head runs on a prepacked copy of
-  its weight here, so they match the scorer's to float rounding: rlsc/decoding.py);
+  no second forward pass is needed for the RLSC weights (the few-row linear layers run on the
+  decode kernel here, so they match the scorer's to float rounding: rlsc/decoding.py);
 - the KV cache grows in place rather than by concatenation (rlsc/decoding.py).
 """
 
