@@ -123,6 +123,11 @@ class TrainConfig(Section):
     steps: int = Field(10, ge=1, description="Optimizer steps (paper: 10 or 20).")
     questions_per_step: int = Field(2, ge=1, description="Questions accumulated into one optimizer step.")
     micro_batch: int = Field(8, ge=1, description="Sequences per forward/backward (memory knob only).")
+    retain_freed_memory: bool = Field(
+        False, description="Keep freed memory in the process (glibc: no per-block mmaps, no trimming) so each "
+        "step reuses it instead of page-faulting it anew: full fine-tuning updates ~20% faster, peak RSS "
+        "higher (see rlsc/allocator.py)."
+    )
     steps_per_round: int = Field(
         1, ge=1, description="Optimizer steps per sampling round: the old (sampling) policy is refreshed "
         "every this many steps. 1 is the paper's on-policy form."

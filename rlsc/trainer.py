@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from rlsc import confidence as conf
+from rlsc.allocator import retain_freed_memory
 from rlsc.answers import canonical_answer, extract_answer, last_boxed
 from rlsc.config import Config, TrainConfig
 from rlsc.errors import RlscError
@@ -584,6 +585,8 @@ def train(
     t = cfg.train
     if not problems:
         raise RlscError("no training questions")
+    if t.retain_freed_memory:
+        retain_freed_memory()
     output_dir = Path(output_dir)
     checkpoints = output_dir / "checkpoints"
     if not resume and output_dir.exists():
