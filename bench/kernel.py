@@ -10,6 +10,9 @@ would sit in L3 and flatter both sides). It is where `MAX_KERNEL_ROWS` and the s
 kernel figures come from:
 
     python -m bench.kernel --model embedded:qwen2.5-coder-0.5b-instruct   # -> bench/results/kernel-*.md
+
+`--against REV` also builds the kernel source of an earlier git revision and times it in the same
+alternation (a column of its own), so a change to the kernel is measured against what it replaced.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -33,22 +37,40 @@ def layer_shapes(config) -> dict[str, tuple[int, int]]:
             "down_proj": (hidden, config.intermediate_size), "lm_head": (config.vocab_size, hidden)}
 
 
-def time_pair(plain, fast, repeats: int) -> tuple[float, float]:
-    """Median seconds of each, alternated call by call so drift hits both alike."""
-    plain(), fast()
-    a, b = [], []
+def time_alternated(calls: dict[str, Callable], repeats: int) -> dict[str, float]:
+    """Median seconds of each call, alternated call by call so drift hits all alike."""
+    for call in calls.values():
+        call()
+    seconds = {label: [] for label in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        plain()
-        a.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        fast()
-        b.append(time.perf_counter() - start)
-    return statistics.median(a), statistics.median(b)
+        for label, call in calls.items():
+            start = time.perf_counter()
+            call()
+            seconds[label].append(time.perf_counter() - start)
+    return {label: statistics.median(s) for label, s in seconds.items()}
+
+
+def kernel_at(revision: str) -> Callable:
+    """The decode kernel as built from an earlier git revision's source."""
+    import subprocess
+    import tempfile
+
+    from rlsc.decoding import KERNEL_SOURCE, load_kernel
+
+    relative = KERNEL_SOURCE.relative_to(HERE.parent).as_posix()
+    source = subprocess.run(["git", "show", f"{revision}:{relative}"], cwd=HERE.parent, check=True,
+                            capture_output=True, text=True).stdout
+    folder = Path(tempfile.mkdtemp(prefix="rlsc-kernel-"))
+    path = folder / KERNEL_SOURCE.name
+    path.write_text(source)
+    kernel = load_kernel(path)
+    if kernel is None:
+        raise SystemExit(f"the kernel of {revision} does not build here (see the log line above)")
+    return kernel
 
 
 def measure(shapes: dict[str, tuple[int, int]], rows: list[int], budget_bytes: float = 2e9,
-            pool_bytes: float = 256e6) -> list[dict]:
+            pool_bytes: float = 256e6, other: Callable | None = None) -> list[dict]:
     import itertools
 
     import torch
@@ -68,24 +90,32 @@ def measure(shapes: dict[str, tuple[int, int]], rows: list[int], budget_bytes: f
             expected = torch.nn.functional.linear(x, weights[0])
             kernel(x, weights[0], None, out)
             error = ((out - expected).abs().max() / expected.abs().max()).item()
-            plain_pool, fast_pool = itertools.cycle(weights), itertools.cycle(weights)
-            plain_s, fast_s = time_pair(lambda: torch.nn.functional.linear(x, next(plain_pool)),  # noqa: B023
-                                        lambda: kernel(x, next(fast_pool), None, out), repeats)  # noqa: B023
-            results.append({"layer": name, "shape": [outer, inner], "rows": m, "torch_s": plain_s,
-                            "kernel_s": fast_s, "torch_GBps": nbytes / plain_s / 1e9,
-                            "kernel_GBps": nbytes / fast_s / 1e9, "speedup": plain_s / fast_s,
-                            "max_rel_error": error})
+            pool = itertools.cycle(weights)
+            calls = {"torch": lambda: torch.nn.functional.linear(x, next(pool)),  # noqa: B023
+                     "kernel": lambda: kernel(x, next(pool), None, out)}  # noqa: B023
+            if other is not None:
+                calls["other"] = lambda: other(x, next(pool), None, out)  # noqa: B023
+            seconds = time_alternated(calls, repeats)
+            row = {"layer": name, "shape": [outer, inner], "rows": m, "max_rel_error": error,
+                   "speedup": seconds["torch"] / seconds["kernel"]}
+            for label, s in seconds.items():
+                row[f"{label}_s"], row[f"{label}_GBps"] = s, nbytes / s / 1e9
+            results.append(row)
     return results
 
 
-def markdown(model: str, results: list[dict], threads: int) -> str:
+def markdown(model: str, results: list[dict], threads: int, against: str | None = None) -> str:
+    other = [f"kernel@{against} GB/s", "kernel / kernel@" + against] if against else []
+    header = ["layer", "out × in", "rows", "torch GB/s", "kernel GB/s", "speedup", *other, "max rel. error"]
     lines = [f"## Decode kernel vs torch's matmul: {model}, fp32, {threads} threads", "",
              "Weight GB streamed per second (higher is better), median of alternated calls.", "",
-             "| layer | out × in | rows | torch GB/s | kernel GB/s | speedup | max rel. error |",
-             "|---|---|---|---|---|---|---|"]
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        lines.append(f"| {r['layer']} | {r['shape'][0]} × {r['shape'][1]} | {r['rows']} | {r['torch_GBps']:.1f} | "
-                     f"{r['kernel_GBps']:.1f} | {r['speedup']:.2f}× | {r['max_rel_error']:.1e} |")
+        cells = [r["layer"], f"{r['shape'][0]} × {r['shape'][1]}", str(r["rows"]), f"{r['torch_GBps']:.1f}",
+                 f"{r['kernel_GBps']:.1f}", f"{r['speedup']:.2f}×"]
+        if against:
+            cells += [f"{r['other_GBps']:.1f}", f"{r['other_s'] / r['kernel_s']:.2f}×"]
+        lines.append("| " + " | ".join([*cells, f"{r['max_rel_error']:.1e}"]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -94,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="embedded:qwen2.5-coder-0.5b-instruct")
     p.add_argument("--rows", default="1,4,16,32,64,128", help="rows per call (k samples x prompts)")
     p.add_argument("--pool-mb", type=float, default=256, help="weight copies cycled per shape (past the L3)")
+    p.add_argument("--against", metavar="REV", help="also time the kernel source of this git revision")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
 
@@ -105,14 +136,16 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(None, [f"model.name={args.model}"])
     config = AutoConfig.from_pretrained(resolve_model_path(cfg.model, cfg.paths.cache_dir))
-    results = measure(layer_shapes(config), [int(r) for r in args.rows.split(",")], pool_bytes=args.pool_mb * 1e6)
+    other = kernel_at(args.against) if args.against else None
+    results = measure(layer_shapes(config), [int(r) for r in args.rows.split(",")], pool_bytes=args.pool_mb * 1e6,
+                      other=other)
     slug = args.model.removeprefix("embedded:").rstrip("/").split("/")[-1]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"kernel-{slug}.json").write_text(json.dumps({"model": args.model, "threads": torch.get_num_threads(),
                                                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                                        "results": results}, indent=2))
-    table = markdown(args.model, results, torch.get_num_threads())
+                                                        "against": args.against, "results": results}, indent=2))
+    table = markdown(args.model, results, torch.get_num_threads(), args.against)
     (out / f"kernel-{slug}.md").write_text(table)
     print(table)
     return 0

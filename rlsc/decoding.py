@@ -123,11 +123,11 @@ KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 MAX_KERNEL_ROWS = 64
 
 
-def _compile_kernel(compiler: str, target: Path) -> None:
+def _compile_kernel(compiler: str, source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial_file = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
-        subprocess.run([compiler, *KERNEL_FLAGS, "-o", str(partial_file), str(KERNEL_SOURCE)],
+        subprocess.run([compiler, *KERNEL_FLAGS, "-o", str(partial_file), str(source)],
                        check=True, capture_output=True, text=True, timeout=120)
         os.replace(partial_file, target)  # whole or absent: a concurrent process never loads half a file
     finally:
@@ -144,20 +144,28 @@ def skinny_kernel() -> Callable | None:
         log.info("decode kernel off: needs x86-64 with AVX2 (this CPU: %s %s)", platform.machine(),
                  torch.backends.cpu.get_cpu_capability())
         return None
+    return load_kernel(KERNEL_SOURCE)
+
+
+def load_kernel(source: Path) -> Callable | None:
+    """A kernel source built (once per source, compiler and flags) and loaded; None if that fails.
+
+    skinny_kernel() loads the package's own source; bench.kernel also loads an older revision's
+    to time the two against each other."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         log.warning("decode kernel off: no C compiler (cc/gcc) on PATH; sampling uses torch's matmul")
         return None
-    key = hashlib.sha256(KERNEL_SOURCE.read_bytes() + " ".join((compiler, *KERNEL_FLAGS)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source.read_bytes() + " ".join((compiler, *KERNEL_FLAGS)).encode()).hexdigest()[:16]
     target = cache_root() / "kernels" / f"skinny_linear-{key}.so"
     try:
         if not target.is_file():
-            _compile_kernel(compiler, target)
+            _compile_kernel(compiler, source, target)
         library = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", None) or err
         log.warning("decode kernel off: building %s with %s failed (%s); sampling uses torch's matmul",
-                    KERNEL_SOURCE.name, compiler, str(detail).strip()[-400:])
+                    source.name, compiler, str(detail).strip()[-400:])
         return None
     run = library.rlsc_skinny_linear
     run.restype = None

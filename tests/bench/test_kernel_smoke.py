@@ -23,3 +23,13 @@ def test_kernel_bench_runs_on_a_tiny_model(tiny_model_dir, tmp_path, skinny_kern
     assert len(results) == 6 * 2
     assert all(r["kernel_s"] > 0 and r["torch_s"] > 0 and r["max_rel_error"] < 1e-4 for r in results)
     assert "| lm_head |" in report.with_suffix(".md").read_text()
+
+
+def test_kernel_bench_times_an_earlier_revision_alongside(tiny_model_dir, tmp_path, skinny_kernel):
+    assert kernel.main(["--model", str(tiny_model_dir), "--rows", "4", "--pool-mb", "1", "--against", "HEAD",
+                        "--out", str(tmp_path)]) == 0
+    (report,) = tmp_path.glob("kernel-*.json")
+    data = json.loads(report.read_text())
+    assert data["against"] == "HEAD"
+    assert all(r["other_s"] > 0 for r in data["results"])
+    assert "kernel@HEAD GB/s" in report.with_suffix(".md").read_text()
