@@ -10,8 +10,9 @@ A decode kernel for the linear layers: with k (~16) rows per decode step every l
 skinny matrix product whose cost is reading its weight. MKL's sgemm packs the weight on every
 call at so few rows and streamed Qwen's weights at 2.8-4.7 GB/s here at 16 rows (read
 bandwidth: ~18 GB/s); rlsc/kernels/skinny_linear.c reads each weight once in its nn.Linear
-layout (no copy) and reached 7.7-13 GB/s on the same shapes at two threads (`python -m
-bench.kernel`, bench/RESULTS.md).
+layout (no copy), prefetching the next weight block while the current one is re-read from L1,
+and streamed them 1.7-3.7x faster on the same shapes at two threads (`python -m bench.kernel`,
+bench/RESULTS.md).
 It is compiled with the system C compiler on first use into the model cache; where it cannot
 run (not x86-64 with AVX2, no compiler, RLSC_DECODE_KERNEL=0) the layers run as before. Outputs
 agree with nn.Linear to float rounding (a different summation order), not bit for bit.
@@ -117,8 +118,8 @@ class ReservedCache(DynamicCache):
 
 KERNEL_SOURCE = Path(__file__).with_name("kernels") / "skinny_linear.c"
 KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
-# `python -m bench.kernel` on Qwen's shapes, two threads: 2.0-3.2x torch's speed at 16 rows,
-# 1.2-2.1x at 64, 1.0-1.6x at 128; above 64 the gain is small and MKL's blocking is the safer bet.
+# `python -m bench.kernel` on Qwen's shapes, two threads: 1.7-3.7x torch's speed at 16 rows,
+# 1.2-2.6x at 64, 1.0-1.7x at 128; above 64 the gain is small and MKL's blocking is the safer bet.
 # Prefill (the prompt's tokens) and scoring have more rows and stay on MKL
 MAX_KERNEL_ROWS = 64
 
