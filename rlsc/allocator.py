@@ -7,8 +7,8 @@ again and the kernel zeroes it page by page before torch writes it. With mapping
 never trimmed, freed blocks are reused in place.
 
 Measured on Qwen2.5-0.5B full fine-tuning, 1 question x 16 samples, back to back
-(bench/RESULTS.md): update 22.3-23.6 s -> 17.7-20.0 s, 7.5M -> 4.1M minor page faults over 4
-steps, peak RSS 13.1 -> 13.8 GB. Why it is off by default (`train.retain_freed_memory`): the
+(bench/RESULTS.md): update median 24.1 s -> 19.0 s, 7.5M -> 3.4M minor page faults over 4
+steps, peak RSS 13.1 -> 13.4 GB. Why it is off by default (`train.retain_freed_memory`): the
 process keeps its heap until it exits, and glibc 2.36's posix_memalign (torch's allocator) does
 not always reuse a freed block of the same size, so the heap can settle well above the live
 peak: a loop whose live peak is 0.7 GB settled at 2.0 GB (tests/unit/test_allocator.py shows the
