@@ -60,10 +60,10 @@ def kernel_at(revision: str) -> Callable:
     relative = KERNEL_SOURCE.relative_to(HERE.parent).as_posix()
     source = subprocess.run(["git", "show", f"{revision}:{relative}"], cwd=HERE.parent, check=True,
                             capture_output=True, text=True).stdout
-    folder = Path(tempfile.mkdtemp(prefix="rlsc-kernel-"))
-    path = folder / KERNEL_SOURCE.name
-    path.write_text(source)
-    kernel = load_kernel(path)
+    with tempfile.TemporaryDirectory(prefix="rlsc-kernel-") as folder:  # the built .so lives in the cache
+        path = Path(folder) / KERNEL_SOURCE.name
+        path.write_text(source)
+        kernel = load_kernel(path)
     if kernel is None:
         raise SystemExit(f"the kernel of {revision} does not build here (see the log line above)")
     return kernel

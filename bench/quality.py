@@ -129,13 +129,11 @@ def largest_sampled_run(args, name: str) -> Path | None:
     return max(runs, key=lambda p: int(p.parent.parent.name.rsplit("-n", 1)[1]), default=None)
 
 
-def greedy_on_subset(records_path: Path, subset: list[dict]) -> dict:
+def greedy_on_subset(records: list[dict], subset: list[dict]) -> dict:
     """Greedy correct on the problems the base model was sampled on: RLSC pass@1 against base maj@k
     on the same problems (does training internalise majority voting?)."""
-    from rlsc.evaluate import read_records
-
     ids = {r["id"] for r in subset}
-    hits = [bool(r["correct"]) for r in read_records(records_path) if r["id"] in ids]
+    hits = [bool(r["correct"]) for r in records if r["id"] in ids]
     return {"correct": sum(hits), "n": len(hits)}
 
 
@@ -190,18 +188,17 @@ def summarize(args) -> dict:
         sampled_path = largest_sampled_run(args, name)
         subset = read_records(sampled_path.with_name("problems.jsonl")) if sampled_path else []
         entry = {"base": base, "base_sampled": _metrics(sampled_path) if sampled_path else None, "arms": {}}
+        base_records = read_records(work / "eval" / "base" / name / "problems.jsonl")
         if subset:
-            entry["base_greedy_on_sampled"] = greedy_on_subset(work / "eval" / "base" / name / "problems.jsonl", subset)
+            entry["base_greedy_on_sampled"] = greedy_on_subset(base_records, subset)
         for arm in ARMS:
             trained = _metrics(work / "eval" / arm / name / "metrics.json")
             if trained is None:
                 continue
-            diff = compare(read_records(work / "eval" / "base" / name / "problems.jsonl"),
-                           read_records(work / "eval" / arm / name / "problems.jsonl"), seed=0)
-            entry["arms"][arm] = {"metrics": trained, "paired": diff}
+            arm_records = read_records(work / "eval" / arm / name / "problems.jsonl")
+            entry["arms"][arm] = {"metrics": trained, "paired": compare(base_records, arm_records, seed=0)}
             if subset:
-                entry["arms"][arm]["greedy_on_sampled"] = greedy_on_subset(
-                    work / "eval" / arm / name / "problems.jsonl", subset)
+                entry["arms"][arm]["greedy_on_sampled"] = greedy_on_subset(arm_records, subset)
         summary["sets"][name] = entry
     for arm, overrides in ARMS.items():
         run_dir = work / "train" / arm

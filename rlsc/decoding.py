@@ -8,8 +8,8 @@ are views of the filled part. Values are bit-identical to DynamicCache's (tested
 
 A decode kernel for the linear layers: with k (~16) rows per decode step every linear layer is a
 skinny matrix product whose cost is reading its weight. MKL's sgemm packs the weight on every
-call at so few rows and streamed Qwen's weights at 2.8-4.7 GB/s here at 16 rows (read
-bandwidth: ~18 GB/s); rlsc/kernels/skinny_linear.c reads each weight once in its nn.Linear
+call at so few rows and streamed Qwen's weights at 2.1-4.7 GB/s here at 16 rows (read
+bandwidth: 16-18 GB/s); rlsc/kernels/skinny_linear.c reads each weight once in its nn.Linear
 layout (no copy), prefetching the next weight block while the current one is re-read from L1,
 and streamed them 1.7-3.7x faster on the same shapes at two threads (`python -m bench.kernel`,
 bench/RESULTS.md).

@@ -7,8 +7,8 @@
  * a block of 3 weight rows stays in L1 while it meets every row of x (L2), 4 rows at a time,
  * in 12 AVX2 accumulators (3 weight loads + 4 x loads per 12 FMAs). Only the first of those
  * passes needs memory, so every pass also prefetches a share of the next block's weight rows:
- * memory keeps streaming while the block is re-read from L1 (10-35% faster at 4-32 rows than
- * without, `python -m bench.kernel`).
+ * memory keeps streaming while the block is re-read from L1 (1.07-1.20x at 16 rows on Qwen's
+ * layers but down_proj, 0.95x there: `python -m bench.kernel --against 95cf529`).
  *
  * Built by rlsc/decoding.py with the system C compiler on first use; OpenMP resolves to the
  * libgomp torch has already loaded, so both share one thread pool.
@@ -82,7 +82,7 @@ void rlsc_skinny_linear(const float *x, int64_t ldx, const float *w, const float
         /* the next block's weight rows, fetched a share per pass while this block is re-read from L1 */
         int64_t next = n0 + NB, lines = next < N ? ((N - next < NB ? N - next : NB) * K * 4 + 63) / 64 : 0;
         const char *pf = lines ? (const char *)(w + next * K) : (const char *)w;
-        int64_t p = 0;
+        int64_t p = 0;  /* the pass: which share of the next block to prefetch */
         for (; m0 + MB <= M; m0 += MB, p++) {
             int64_t a = lines * p / passes, e = lines * (p + 1) / passes;
             if (nn == NB) block_full(x, ldx, w, K, y, N, m0, n0, pf + 64 * a, e - a);

@@ -43,8 +43,7 @@ def test_the_largest_sampled_subset_is_summarized_and_scored_on_the_same_problem
         (quality.sampled_dir(args, "gsm8k", n) / "metrics.json").write_text("{}")
     assert quality.largest_sampled_run(args, "gsm8k") == quality.sampled_dir(args, "gsm8k", 32) / "metrics.json"
     assert quality.largest_sampled_run(args, "generated") is None
-    greedy = _write_metrics(tmp_path / "greedy.jsonl", [{"id": i, "correct": c} for i, c in
-                                                        [("a", True), ("b", False), ("c", True), ("d", True)]])
+    greedy = [{"id": i, "correct": c} for i, c in [("a", True), ("b", False), ("c", True), ("d", True)]]
     assert quality.greedy_on_subset(greedy, [{"id": "a"}, {"id": "b"}, {"id": "d"}]) == {"correct": 2, "n": 3}
 
 
