@@ -43,29 +43,39 @@ def prepare_data(cfg: Config) -> tuple[Path, Path]:
             write_problems(work_path(cfg, "data", "eval.jsonl"), held_out))
 
 
-def load_model(cfg: Config, trained: str | Path | None = None):
-    """The base policy (LoRA attached if configured) or, with `trained`, the trained weights on it."""
+def load_model(cfg: Config, trained: str | Path | None = None, *, trainable: bool = True):
+    """The base policy (LoRA attached if configured) or, with `trained`, the trained weights on it;
+    `trainable=False` for evaluation (see `load_policy`)."""
     from rlsc.models import load_policy
 
-    return load_policy(cfg.model, cfg.paths.cache_dir, adapter=str(trained) if trained else None)
+    return load_policy(cfg.model, cfg.paths.cache_dir, adapter=str(trained) if trained else None,
+                       trainable=trainable)
 
 
 def evaluate_stage(cfg: Config, problems_path: str | Path, out_dir: str | Path, *,
                    trained: str | Path | None = None, model=None, tokenizer=None,
                    progress: bool = True) -> dict[str, Any]:
     """Evaluate the base model (or `trained`) on a problem file; writes metrics.json and problems.jsonl."""
-    from rlsc.evaluate import evaluate, write_json, write_records
+    from rlsc.evaluate import EvalCheckpoint, evaluate, write_json, write_records
 
     problems = load_problems(problems_path, require_answer=True)
     if model is None:
-        model, tokenizer = load_model(cfg, trained)
-    start = time.perf_counter()
-    metrics, records = evaluate(model, tokenizer, problems, cfg, progress=progress)
-    metrics["seconds"] = time.perf_counter() - start
-    metrics["model"] = str(trained) if trained else cfg.model.name
+        model, tokenizer = load_model(cfg, trained, trainable=False)
     out_dir = Path(out_dir)
+    # an interrupted evaluation resumes from its finished batches (removed once the files are written)
+    checkpoint = EvalCheckpoint(out_dir / "progress.jsonl", {
+        "model": cfg.model.model_dump(), "trained": str(trained) if trained else None,
+        "eval": cfg.eval.model_dump(), "prompt": cfg.prompt.model_dump()})
+    resumed = len(checkpoint.done)
+    start = time.perf_counter()
+    metrics, records = evaluate(model, tokenizer, problems, cfg, progress=progress, checkpoint=checkpoint)
+    metrics["seconds"] = time.perf_counter() - start  # of this call: a resumed run's earlier part is not in it
+    if resumed:
+        metrics["resumed_results"] = resumed
+    metrics["model"] = str(trained) if trained else cfg.model.name
     write_records(out_dir / "problems.jsonl", records)
     write_json(out_dir / "metrics.json", metrics)
+    checkpoint.remove()
     return metrics
 
 

@@ -286,10 +286,10 @@ def _policy_class():
                 folder = Path(context.artifacts[POLICY_ARTIFACT])
                 if (folder / "adapter_config.json").is_file():
                     base = ModelConfig(name=self.config["base_model"], lora={"enabled": False})
-                    self.model, self.tokenizer = load_policy(base, adapter=str(folder))
+                    self.model, self.tokenizer = load_policy(base, adapter=str(folder), trainable=False)
                 else:  # full fine-tuning saved a complete model folder
                     full = ModelConfig(name=str(folder), lora={"enabled": False})
-                    self.model, self.tokenizer = load_policy(full)
+                    self.model, self.tokenizer = load_policy(full, trainable=False)
                 import torch
 
                 if torch.cuda.is_available():

@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlsc import models
 from rlsc.config import ModelConfig
@@ -125,3 +126,27 @@ def test_load_policy_from_a_folder_with_lora_and_back(tiny_model_dir, tmp_path):
     full, _ = models.load_policy(ModelConfig(name=str(tiny_model_dir), lora={"enabled": False},
                                              gradient_checkpointing=True))
     assert all(p.requires_grad for p in full.parameters())
+
+
+def test_inference_form_merges_the_adapter_and_attaches_none(tiny_model_dir, tmp_path):
+    """Evaluation loads plain Linear layers: the base model without a fresh LoRA, a trained adapter
+    merged into the weights, with the logits of the unmerged adapter model (float rounding)."""
+    cfg = ModelConfig(name=str(tiny_model_dir), lora={"enabled": True, "r": 2, "alpha": 4})
+    model, tok = models.load_policy(cfg)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)  # lora_B starts at zero: make the adapter change the output
+    saved = models.save_trained(model, tok, tmp_path / "final")
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+    merged, _ = models.load_policy(cfg, adapter=str(saved), trainable=False)
+    base, _ = models.load_policy(cfg, trainable=False)
+    for m in (merged, base):
+        assert not any("lora_" in n for n, _ in m.named_parameters())
+        assert not any(type(x).__module__.startswith("peft") for x in m.modules())
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+        plain = base(input_ids=ids).logits
+    assert torch.allclose(got, unmerged, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-3  # the merge carried the adapter's change
