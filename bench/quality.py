@@ -52,6 +52,17 @@ def base_config(args, *extra: str):
     return load_config(args.config or None, [f"paths.work_dir={args.work}", *args.set, *extra])
 
 
+def eval_config(args, *extra: str):
+    """The configuration an evaluation runs under: --eval-tokens changes the evaluation's length cap
+    only, so models trained at the configured length can be evaluated without truncation."""
+    return base_config(args, *extra, *([f"eval.max_new_tokens={args.eval_tokens}"] if args.eval_tokens else []))
+
+
+def set_label(args, name: str) -> str:
+    """The folder of an eval set's results: `gsm8k`, or `gsm8k-t384` when evaluated at another length."""
+    return f"{name}-t{args.eval_tokens}" if args.eval_tokens else name
+
+
 # ---------------------------------------------------------------- stages
 
 
@@ -105,17 +116,17 @@ def run(args) -> None:
     """Base greedy first, then each arm, then the base model's k samples: the headline comparison is
     complete earliest if a run has to be cut short (every finished stage is kept)."""
     paths = prepare(args)
-    cfg = base_config(args)
+    cfg = eval_config(args)
     for name in args.sets:
-        evaluate_once(args, cfg, paths[name], Path(args.work) / "eval" / "base" / name)
+        evaluate_once(args, cfg, paths[name], Path(args.work) / "eval" / "base" / set_label(args, name))
     for arm in args.arms:
         final = train_arm(args, arm, paths)
         for name in args.sets:
-            evaluate_once(args, base_config(args, *ARMS[arm]), paths[name], Path(args.work) / "eval" / arm / name,
-                          trained=final)
+            evaluate_once(args, eval_config(args, *ARMS[arm]), paths[name],
+                          Path(args.work) / "eval" / arm / set_label(args, name), trained=final)
     for name in args.sets if args.maj_n else ():
-        sampled = base_config(args, f"eval.k={args.k}")
-        evaluate_once(args, sampled, paths[f"{name}-k"], sampled_dir(args, name, args.maj_n))
+        sampled = eval_config(args, f"eval.k={args.k}")
+        evaluate_once(args, sampled, paths[f"{name}-k"], sampled_dir(args, set_label(args, name), args.maj_n))
 
 
 def sampled_dir(args, name: str, n: int) -> Path:
@@ -172,6 +183,14 @@ def collapse_flags(metrics_path: Path, probe: list[dict] | None = None) -> list[
     return flags
 
 
+def evaluated_sets(args) -> list[str]:
+    """The set labels the base model has results for: each eval set, then its other-length runs."""
+    done = {p.parent.name for p in (Path(args.work) / "eval" / "base").glob("*/metrics.json")}
+    return [label for name in eval_sources(args)
+            for label in sorted((x for x in done if x == name or x.startswith(f"{name}-t")),
+                                key=lambda x: (x != name, len(x), x))]
+
+
 def _metrics(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -181,10 +200,8 @@ def summarize(args) -> dict:
 
     work = Path(args.work)
     summary: dict = {"sets": {}, "arms": {}}
-    for name in eval_sources(args):
+    for name in evaluated_sets(args):
         base = _metrics(work / "eval" / "base" / name / "metrics.json")
-        if base is None:
-            continue
         sampled_path = largest_sampled_run(args, name)
         subset = read_records(sampled_path.with_name("problems.jsonl")) if sampled_path else []
         entry = {"base": base, "base_sampled": _metrics(sampled_path) if sampled_path else None, "arms": {}}
@@ -218,7 +235,8 @@ def markdown(summary: dict, args) -> str:
     lines = []
     for name, entry in summary["sets"].items():
         base = entry["base"]
-        lines += [f"### {name} (n = {base['pass@1']['n']})", "",
+        tokens = f", {name.rsplit('-t', 1)[1]} new tokens" if "-t" in name else ""
+        lines += [f"### {name.split('-t')[0]}{tokens} (n = {base['pass@1']['n']})", "",
                   ("| model | greedy pass@1 % [95% CI] | paired diff vs base, pts [95% CI] | mean confidence | "
                   "mean length | truncated |"), "|---|---|---|---|---|---|",
                   (f"| base | {_pct(base['pass@1'])} | – | {base['mean_confidence']:.3f} | {base['mean_length']:.1f} | "
@@ -231,7 +249,7 @@ def markdown(summary: dict, args) -> str:
         sampled = entry.get("base_sampled")
         if sampled:
             k = args.k
-            lines += ["", (f"Base model, {k} samples at T {base_config(args).eval.temperature:g} on the first "
+            lines += ["", (f"Base model, {k} samples at T {eval_config(args).eval.temperature:g} on the first "
                       f"{sampled['pass@1']['n']} problems: greedy {_pct(sampled['pass@1'])}, sample accuracy "
                       f"{100 * sampled['sample_accuracy']['value']:.1f}%, maj@{k} {_pct(sampled[f'maj@{k}'])}, "
                       f"pass@{k} {100 * sampled[f'pass@{k}']['value']:.1f}%.")]
@@ -297,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-n", type=int, default=None, help="GSM8K train questions (default steps x per step)")
     p.add_argument("--maj-n", type=int, default=32, help="problems per set for the base model's k samples (0 = none)")
     p.add_argument("--k", type=int, default=16, help="samples for maj@k / pass@k")
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="evaluate at this many new tokens instead of the config's (results under <set>-t<N>)")
     p.add_argument("--probe-every", type=int, default=2, help="probe held-out accuracy every N steps (0 = off)")
     p.add_argument("--probe-n", type=int, default=32, help="probe problems (from the generated set)")
     p.add_argument("--seed", type=int, default=0, help="seed of every subset")

@@ -3,7 +3,7 @@ the Prefect flows and the DVC stages are a few lines each, and any stage can be 
 
 Layout under `paths.work_dir` (default `outputs/`):
   data/train.jsonl, data/eval.jsonl        problems (train questions carry no answer: label-free)
-  eval/<label>/metrics.json, problems.jsonl  one evaluation
+  eval/<label>/metrics.json, problems.jsonl  one evaluation (progress.jsonl while it runs: resumes it)
   train/metrics.jsonl, checkpoints/, final/  one training run
   report/report.md, *.png                  the before/after table and plots
 """

@@ -32,6 +32,14 @@ def test_quality_protocol_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, s
     assert "| rlsc-l2 |" in table and "maj@3" in table
     # a second call finds every stage done and only summarizes again
     assert quality.main(argv) == 0
+    # at another evaluation length: the trained arm is reused, results go beside the others
+    longer = [*argv, "--eval-tokens", "6", "--arms", "rlsc-l2", "--maj-n", "0"]
+    assert quality.main(longer) == 0
+    summary = json.loads((out / "quality.json").read_text())
+    assert list(summary["sets"]) == ["generated", "generated-t6", "gsm8k", "gsm8k-t6"]
+    assert set(summary["sets"]["gsm8k-t6"]["arms"]) == {"rlsc-l2"}
+    assert summary["sets"]["gsm8k"]["arms"]["entropy"]  # the earlier results are still summarized
+    assert "### gsm8k, 6 new tokens (n = 4)" in (out / "quality.md").read_text()
 
 
 def test_the_largest_sampled_subset_is_summarized_and_scored_on_the_same_problems(tmp_path):
