@@ -15,8 +15,11 @@ job's settings from params.yaml):
 - collapse flags per arm from the label-free signals (entropy and length against the first steps,
   distinct answers, the guard's warnings).
 
-Every stage is skipped when its output exists, so arms can be added one at a time:
+Every stage is skipped when its output exists, so arms can be added one at a time, and an
+interrupted evaluation resumes from its finished batches (the base model's k samples on 200 GSM8K
+problems take over an hour here):
     python -m bench.quality --arms rlsc-l2                  # then --arms rlsc-l1 ... and --summary-only
+    python -m bench.quality --arms rlsc-l2 --maj-n 0 --eval-tokens 384   # the same models, longer answers
 """
 
 from __future__ import annotations
