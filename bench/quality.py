@@ -293,8 +293,9 @@ def plot(summary: dict, out_dir: Path) -> list[Path]:
         for ax, (name, entry) in zip(axes[0], summary["sets"].items()):
             models = {"base": entry["base"]} | {arm: r["metrics"] for arm, r in entry["arms"].items()}
             if entry.get("base_sampled"):
-                models["base maj@k (subset)"] = {"pass@1": next(v for k, v in entry["base_sampled"].items()
-                                                                 if k.startswith("maj@"))}
+                key, maj = next((k, v) for k, v in entry["base_sampled"].items() if k.startswith("maj@"))
+                whole = maj["n"] == entry["base"]["pass@1"]["n"]
+                models[f"base {key}" + ("" if whole else f" (first {maj['n']})")] = {"pass@1": maj}
             values = [100 * m["pass@1"]["value"] for m in models.values()]
             low = [v - 100 * m["pass@1"]["ci_low"] for v, m in zip(values, models.values())]
             high = [100 * m["pass@1"]["ci_high"] - v for v, m in zip(values, models.values())]
