@@ -132,20 +132,22 @@ def add_sampled(records, model, tokenizer, prompts: list[str], cfg: Config, prog
         torch.manual_seed(chunk_seed(e.seed, ids))
         r = generate_rollouts(model, tokenizer, prompts[start : start + per_call], k=e.k,
                               temperature=e.temperature, max_new_tokens=e.max_new_tokens)
+        results = []
         for q, record in enumerate(chunk):
             texts = r.texts[r.rows(q)]
             extracted = [extract_answer(t) for t in texts]
             correct = [is_equivalent(a, record["gold"]) for a in extracted]
             majority, share = conf.majority_answer([canonical_answer(a) for a in extracted])
-            record.update({
-                "samples": texts, "samples_extracted": extracted, "samples_correct": correct,
+            results.append({
+                "id": record["id"], "samples": texts, "samples_extracted": extracted, "samples_correct": correct,
                 "majority": majority, "majority_share": share,
                 "majority_correct": is_equivalent(majority, record["gold"]),
                 "samples_confidence": conf.mean_token_prob(r.token_logprobs[r.rows(q)],
                                                            r.completion_mask[r.rows(q)]).tolist(),
             })
+            record.update(results[-1])
         if checkpoint:
-            checkpoint.put("sampled", [{"id": rec["id"], **{f: rec[f] for f in SAMPLED_FIELDS}} for rec in chunk])
+            checkpoint.put("sampled", results)
         bar.update(len(chunk))
     bar.close()
 
@@ -185,10 +187,6 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: Config, progress: b
     if cfg.eval.k > 1:
         add_sampled(records, model, tokenizer, prompts, cfg, progress, checkpoint)
     return summarize(records, cfg), records
-
-
-SAMPLED_FIELDS = ("samples", "samples_extracted", "samples_correct", "majority", "majority_share",
-                  "majority_correct", "samples_confidence")
 
 
 class EvalCheckpoint:
