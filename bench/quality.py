@@ -143,12 +143,18 @@ def largest_sampled_run(args, name: str) -> Path | None:
     return max(runs, key=lambda p: int(p.parent.parent.name.rsplit("-n", 1)[1]), default=None)
 
 
-def greedy_on_subset(records: list[dict], subset: list[dict]) -> dict:
-    """Greedy correct on the problems the base model was sampled on: RLSC pass@1 against base maj@k
-    on the same problems (does training internalise majority voting?)."""
+def against_majority(records: list[dict], subset: list[dict]) -> dict:
+    """Greedy correct on the problems the base model was sampled on, and its paired difference to the
+    base model's majority vote there: RLSC pass@1 against base maj@k (does training internalise
+    majority voting?)."""
+    from rlsc.evaluate import compare
+
     ids = {r["id"] for r in subset}
-    hits = [bool(r["correct"]) for r in records if r["id"] in ids]
-    return {"correct": sum(hits), "n": len(hits)}
+    greedy = [r for r in records if r["id"] in ids]
+    majority = [{"id": r["id"], "correct": r["majority_correct"]} for r in subset]
+    paired = compare(majority, greedy, seed=0)
+    return {"correct": sum(bool(r["correct"]) for r in greedy), "n": len(greedy),
+            "difference": paired["difference"], "ci_low": paired["ci_low"], "ci_high": paired["ci_high"]}
 
 
 # ---------------------------------------------------------------- the summary
@@ -210,7 +216,7 @@ def summarize(args) -> dict:
         entry = {"base": base, "base_sampled": _metrics(sampled_path) if sampled_path else None, "arms": {}}
         base_records = read_records(work / "eval" / "base" / name / "problems.jsonl")
         if subset:
-            entry["base_greedy_on_sampled"] = greedy_on_subset(base_records, subset)
+            entry["base_greedy_on_sampled"] = against_majority(base_records, subset)
         for arm in ARMS:
             trained = _metrics(work / "eval" / arm / name / "metrics.json")
             if trained is None:
@@ -218,7 +224,7 @@ def summarize(args) -> dict:
             arm_records = read_records(work / "eval" / arm / name / "problems.jsonl")
             entry["arms"][arm] = {"metrics": trained, "paired": compare(base_records, arm_records, seed=0)}
             if subset:
-                entry["arms"][arm]["greedy_on_sampled"] = greedy_on_subset(arm_records, subset)
+                entry["arms"][arm]["greedy_on_sampled"] = against_majority(arm_records, subset)
         summary["sets"][name] = entry
     for arm, overrides in ARMS.items():
         run_dir = work / "train" / arm
@@ -228,6 +234,11 @@ def summarize(args) -> dict:
             summary["arms"][arm] = {"overrides": overrides, "flags": collapse_flags(run_dir / "metrics.jsonl", probe),
                                     "probe": probe}
     return summary
+
+
+def _against(m: dict) -> str:
+    return (f"{m['correct']}/{m['n']} ({100 * m['difference']:+.1f} pts [{100 * m['ci_low']:+.1f}, "
+            f"{100 * m['ci_high']:+.1f}])")
 
 
 def _pct(m: dict) -> str:
@@ -256,12 +267,13 @@ def markdown(summary: dict, args) -> str:
                       f"{sampled['pass@1']['n']} problems: greedy {_pct(sampled['pass@1'])}, sample accuracy "
                       f"{100 * sampled['sample_accuracy']['value']:.1f}%, maj@{k} {_pct(sampled[f'maj@{k}'])}, "
                       f"pass@{k} {100 * sampled[f'pass@{k}']['value']:.1f}%.")]
-            on_subset = [f"{arm} {r['greedy_on_sampled']['correct']}/{r['greedy_on_sampled']['n']}"
+            on_subset = [f"{arm} {_against(r['greedy_on_sampled'])}"
                          for arm, r in entry["arms"].items() if "greedy_on_sampled" in r]
-            if on_subset:
-                lines.append(f"Greedy pass@1 of the trained models on the same problems (vs base maj@{k} "
-                             f"{sampled[f'maj@{k}'].get('correct', '')}/{sampled[f'maj@{k}']['n']}): "
-                             f"{', '.join(on_subset)}.")
+            if "base_greedy_on_sampled" in entry:
+                on_subset.insert(0, f"base {_against(entry['base_greedy_on_sampled'])}")
+            lines.append(f"Greedy pass@1 on the same problems, and its paired difference to the base model's "
+                         f"maj@{k} ({sampled[f'maj@{k}'].get('correct', '')}/{sampled[f'maj@{k}']['n']}): "
+                         f"{', '.join(on_subset)}.")
         lines.append("")
     if summary["arms"]:
         lines += ["### Training runs: collapse flags and the held-out probe", "",

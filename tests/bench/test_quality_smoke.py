@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import quality
 
 
@@ -52,7 +54,11 @@ def test_the_largest_sampled_subset_is_summarized_and_scored_on_the_same_problem
     assert quality.largest_sampled_run(args, "gsm8k") == quality.sampled_dir(args, "gsm8k", 32) / "metrics.json"
     assert quality.largest_sampled_run(args, "generated") is None
     greedy = [{"id": i, "correct": c} for i, c in [("a", True), ("b", False), ("c", True), ("d", True)]]
-    assert quality.greedy_on_subset(greedy, [{"id": "a"}, {"id": "b"}, {"id": "d"}]) == {"correct": 2, "n": 3}
+    sampled = [{"id": i, "majority_correct": c} for i, c in [("a", False), ("b", False), ("d", True)]]
+    against = quality.against_majority(greedy, sampled)
+    assert (against["correct"], against["n"]) == (2, 3)
+    assert against["difference"] == pytest.approx((1 - 0) / 3)  # a: greedy right, vote wrong; b, d agree
+    assert against["ci_low"] <= against["difference"] <= against["ci_high"]
 
 
 def _write_metrics(path, rows):
