@@ -263,8 +263,10 @@ def markdown(summary: dict, args) -> str:
         sampled = entry.get("base_sampled")
         if sampled:
             k = args.k
-            lines += ["", (f"Base model, {k} samples at T {eval_config(args).eval.temperature:g} on the first "
-                      f"{sampled['pass@1']['n']} problems: greedy {_pct(sampled['pass@1'])}, sample accuracy "
+            n = sampled['pass@1']['n']
+            which = f"all {n}" if n == base['pass@1']['n'] else f"the first {n}"
+            lines += ["", (f"Base model, {k} samples at T {eval_config(args).eval.temperature:g} on {which} "
+                      f"problems: greedy {_pct(sampled['pass@1'])}, sample accuracy "
                       f"{100 * sampled['sample_accuracy']['value']:.1f}%, maj@{k} {_pct(sampled[f'maj@{k}'])}, "
                       f"pass@{k} {100 * sampled[f'pass@{k}']['value']:.1f}%.")]
             on_subset = [f"{arm} {_against(r['greedy_on_sampled'])}"
