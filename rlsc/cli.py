@@ -30,8 +30,7 @@ def cmd_fetch_model(args) -> int:
     cfg = _config(args)
     path = resolve_model_path(cfg.model, cfg.paths.cache_dir)
     if args.check:
-        model, _ = load_policy(cfg.model.model_copy(update={"lora": cfg.model.lora.model_copy(update={"enabled": False})}),
-                                 cfg.paths.cache_dir)
+        model, _ = load_policy(cfg.model, cfg.paths.cache_dir, trainable=False)
         n = sum(p.numel() for p in model.parameters())
         print(f"loaded {type(model).__name__} with {n / 1e6:.0f}M parameters", file=sys.stderr)
     print(path)
