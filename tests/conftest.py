@@ -36,7 +36,7 @@ def build_tiny_tokenizer():
     return tok
 
 
-def build_tiny_model(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2):
+def build_tiny_model(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2, tie_word_embeddings: bool = False):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -44,7 +44,7 @@ def build_tiny_model(vocab_size: int, seed: int = 0, hidden: int = 32, layers: i
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False,
+        pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=tie_word_embeddings,
     )
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = 1

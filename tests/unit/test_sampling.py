@@ -111,14 +111,20 @@ def test_greedy_rollouts_are_deterministic_and_need_k_1(tiny_policy):
         generate_rollouts(model, tok, _prompts(tok), k=2, temperature=1.0, max_new_tokens=6, greedy=True)
 
 
-@pytest.mark.parametrize("pack_tokens", [1024, 7, 1])  # one pack; several; a row per pack
-def test_shared_prompt_scoring_equals_full_scoring_with_gradients(tiny_policy, monkeypatch, pack_tokens):
+@pytest.mark.parametrize("pack_tokens,tied", [(1024, False), (7, False), (1, False), (7, True)])
+def test_shared_prompt_scoring_equals_full_scoring_with_gradients(tiny_policy, monkeypatch, pack_tokens, tied):
     """The k samples of one question score their prompt once, packed without padding; values and
-    gradients are those of running every padded row in full."""
+    gradients are those of running every padded row in full (one pack; several; a row per pack;
+    several with the head tied to the embedding, whose gradient then sums head and lookups)."""
     from rlsc import scoring
+
+    from tests.conftest import build_tiny_model
 
     monkeypatch.setattr(scoring, "PACK_TOKENS", pack_tokens)
     model, tok = tiny_policy
+    if tied:
+        model = build_tiny_model(len(tok), seed=3, tie_word_embeddings=True)
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     torch.manual_seed(4)
     r = generate_rollouts(model, tok, _prompts(tok)[1:], k=6, temperature=1.0, max_new_tokens=8)
     assert scoring._shares_one_prompt(r.prompt_ids, r.prompt_mask)
@@ -203,3 +209,16 @@ def test_single_token_completions_are_scored_from_the_prompt_alone(tiny_policy):
     packed = scoring.packed_logits_shared_prompt(model, prompt_ids, prompt_mask, ids, mask)
     full = scoring.completion_logits(model, prompt_ids, prompt_mask, ids, mask)[:, 0]
     assert torch.allclose(packed, full, atol=1e-5)
+
+
+def test_models_that_transform_their_logits_take_the_padded_path(tiny_policy):
+    from rlsc import scoring
+
+    model, _ = tiny_policy
+    decoder, head = scoring.decoder_and_head(model)
+    assert decoder is model.model and head is model.lm_head
+    model.config.final_logit_softcapping = 30.0  # as Gemma-2's: logits = 30 tanh(head / 30)
+    try:
+        assert scoring.decoder_and_head(model) is None
+    finally:
+        model.config.final_logit_softcapping = None
