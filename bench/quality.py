@@ -139,8 +139,58 @@ def sampled_dir(args, name: str, n: int) -> Path:
 
 
 def largest_sampled_run(args, name: str) -> Path | None:
-    runs = [p for p in (Path(args.work) / "eval").glob(f"base-k{args.k}-n*/{name}/metrics.json")]
+    runs = [p for root in run_roots(args) for p in (root / "eval").glob(f"base-k{args.k}-n*/{name}/metrics.json")]
     return max(runs, key=lambda p: int(p.parent.parent.name.rsplit("-n", 1)[1]), default=None)
+
+
+# ---------------------------------------------------------------- kept runs
+
+CARRIED_MARK = "(earlier run)"
+CARRIED_NOTE = ("carried over from the previous summary: its per-problem records were not kept, so it is not "
+                "recomputed here (re-run its command to rebuild it).")
+KEPT = "quality-runs"  # under --out: what the tables are computed from, kept with them
+DROPPED_FIELDS = ("samples",)  # the k samples' texts (16x a record's size); their answers are kept
+
+
+def run_roots(args) -> list[Path]:
+    """Where a run's files are looked for: the work folder first, then the copy kept beside the
+    results, so a fresh checkout rebuilds the tables (and new runs add to them) without the work folder."""
+    return [Path(args.work), Path(args.out) / KEPT]
+
+
+def locate(args, relative: str) -> Path | None:
+    return next((root / relative for root in run_roots(args) if (root / relative).is_file()), None)
+
+
+def keep_runs(args) -> None:
+    """Copy every evaluation's metrics and per-problem records (less DROPPED_FIELDS) and every training
+    run's metrics and probe from the work folder into <out>/quality-runs."""
+    work, kept = Path(args.work), Path(args.out) / KEPT
+    for metrics in sorted(work.glob("eval/*/*/metrics.json")):
+        target = kept / metrics.parent.relative_to(work)
+        target.mkdir(parents=True, exist_ok=True)
+        records = [{k: v for k, v in r.items() if k not in DROPPED_FIELDS}
+                   for r in read_records(metrics.with_name("problems.jsonl"))]
+        _write_whole(target / "problems.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        _write_whole(target / "metrics.json", metrics.read_text())
+    for run_dir in sorted(p.parent for p in work.glob("train/*/metrics.jsonl")):
+        target = kept / run_dir.relative_to(work)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "probe.jsonl"):
+            if (run_dir / name).is_file():
+                _write_whole(target / name, (run_dir / name).read_text())
+
+
+def _write_whole(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")  # a killed copy never leaves half a file
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def read_records(path: Path) -> list[dict]:
+    from rlsc.evaluate import read_records as read
+
+    return read(path)
 
 
 def against_majority(records: list[dict], subset: list[dict]) -> dict:
@@ -194,46 +244,75 @@ def collapse_flags(metrics_path: Path, probe: list[dict] | None = None) -> list[
 
 def evaluated_sets(args) -> list[str]:
     """The set labels the base model has results for: each eval set, then its other-length runs."""
-    done = {p.parent.name for p in (Path(args.work) / "eval" / "base").glob("*/metrics.json")}
+    done = {p.parent.name for root in run_roots(args) for p in (root / "eval" / "base").glob("*/metrics.json")}
     return [label for name in eval_sources(args)
             for label in sorted((x for x in done if x == name or x.startswith(f"{name}-t")),
                                 key=lambda x: (x != name, len(x), x))]
 
 
-def _metrics(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def _metrics(path: Path | None) -> dict | None:
+    return json.loads(path.read_text()) if path is not None else None
+
+
+def _eval_run(args, model: str, name: str) -> tuple[dict, list[dict]] | None:
+    """An evaluation's metrics and per-problem records, from the work folder or the kept copy."""
+    metrics = locate(args, f"eval/{model}/{name}/metrics.json")
+    return None if metrics is None else (_metrics(metrics), read_records(metrics.with_name("problems.jsonl")))
 
 
 def summarize(args) -> dict:
-    from rlsc.evaluate import compare, read_records
+    from rlsc.evaluate import compare
 
-    work = Path(args.work)
     summary: dict = {"sets": {}, "arms": {}}
     for name in evaluated_sets(args):
-        base = _metrics(work / "eval" / "base" / name / "metrics.json")
+        base, base_records = _eval_run(args, "base", name)
         sampled_path = largest_sampled_run(args, name)
         subset = read_records(sampled_path.with_name("problems.jsonl")) if sampled_path else []
-        entry = {"base": base, "base_sampled": _metrics(sampled_path) if sampled_path else None, "arms": {}}
-        base_records = read_records(work / "eval" / "base" / name / "problems.jsonl")
+        entry = {"base": base, "base_sampled": _metrics(sampled_path), "arms": {}}
         if subset:
             entry["base_greedy_on_sampled"] = against_majority(base_records, subset)
         for arm in ARMS:
-            trained = _metrics(work / "eval" / arm / name / "metrics.json")
-            if trained is None:
+            run = _eval_run(args, arm, name)
+            if run is None:
                 continue
-            arm_records = read_records(work / "eval" / arm / name / "problems.jsonl")
+            trained, arm_records = run
             entry["arms"][arm] = {"metrics": trained, "paired": compare(base_records, arm_records, seed=0)}
             if subset:
                 entry["arms"][arm]["greedy_on_sampled"] = against_majority(arm_records, subset)
         summary["sets"][name] = entry
     for arm, overrides in ARMS.items():
-        run_dir = work / "train" / arm
-        if (run_dir / "metrics.jsonl").is_file():
-            probe_file = run_dir / "probe.jsonl"
+        metrics = locate(args, f"train/{arm}/metrics.jsonl")
+        if metrics is not None:
+            probe_file = metrics.with_name("probe.jsonl")
             probe = [json.loads(x) for x in probe_file.read_text().splitlines()] if probe_file.is_file() else []
-            summary["arms"][arm] = {"overrides": overrides, "flags": collapse_flags(run_dir / "metrics.jsonl", probe),
-                                    "probe": probe}
+            summary["arms"][arm] = {"overrides": overrides, "flags": collapse_flags(metrics, probe), "probe": probe}
     return summary
+
+
+def carry_over(summary: dict, earlier: dict) -> dict:
+    """Sets and training runs of an earlier summary that nothing kept can recompute (their per-problem
+    records were lost with an old work folder), copied in and marked as such rather than dropped."""
+    for name, entry in earlier.get("sets", {}).items():
+        if name not in summary["sets"]:
+            summary["sets"][name] = {**entry, "carried_over": True}
+            continue
+        now = summary["sets"][name]
+        if _counts(now["base"]) != _counts(entry["base"]):
+            continue  # the base model scored differently: the earlier arms' paired figures would not hold
+        subset_n = (now.get("base_sampled") or {}).get("n")
+        for arm, result in entry["arms"].items():
+            if arm not in now["arms"]:
+                kept = {k: v for k, v in result.items()
+                        if k != "greedy_on_sampled" or v["n"] == subset_n}  # scored on another subset: dropped
+                now["arms"][arm] = {**kept, "carried_over": True}
+    for arm, info in earlier.get("arms", {}).items():
+        if arm not in summary["arms"]:
+            summary["arms"][arm] = {**info, "carried_over": True}
+    return summary
+
+
+def _counts(metrics: dict) -> tuple:
+    return metrics["pass@1"]["correct"], metrics["pass@1"]["n"]
 
 
 def _against(m: dict) -> str:
@@ -250,14 +329,16 @@ def markdown(summary: dict, args) -> str:
     for name, entry in summary["sets"].items():
         base = entry["base"]
         tokens = f", {name.rsplit('-t', 1)[1]} new tokens" if "-t" in name else ""
-        lines += [f"### {name.split('-t')[0]}{tokens} (n = {base['pass@1']['n']})", "",
-                  ("| model | greedy pass@1 % [95% CI] | paired diff vs base, pts [95% CI] | mean confidence | "
+        lines += [f"### {name.split('-t')[0]}{tokens} (n = {base['pass@1']['n']})", ""]
+        if entry.get("carried_over"):
+            lines += [f"{CARRIED_MARK} {CARRIED_NOTE}", ""]
+        lines += [("| model | greedy pass@1 % [95% CI] | paired diff vs base, pts [95% CI] | mean confidence | "
                   "mean length | truncated |"), "|---|---|---|---|---|---|",
                   (f"| base | {_pct(base['pass@1'])} | – | {base['mean_confidence']:.3f} | {base['mean_length']:.1f} | "
                   f"{100 * base['truncated_share']:.1f}% |")]
         for arm, result in entry["arms"].items():
             m, d = result["metrics"], result["paired"]
-            lines.append(f"| {arm} | {_pct(m['pass@1'])} | {100 * d['difference']:+.1f} [{100 * d['ci_low']:+.1f}, "
+            lines.append(f"| {arm}{' ' + CARRIED_MARK if result.get('carried_over') else ''} | {_pct(m['pass@1'])} | {100 * d['difference']:+.1f} [{100 * d['ci_low']:+.1f}, "
                          f"{100 * d['ci_high']:+.1f}] | {m['mean_confidence']:.3f} | {m['mean_length']:.1f} | "
                          f"{100 * m['truncated_share']:.1f}% |")
         sampled = entry.get("base_sampled")
@@ -271,18 +352,22 @@ def markdown(summary: dict, args) -> str:
                       f"pass@{k} {100 * sampled[f'pass@{k}']['value']:.1f}%.")]
             on_subset = [f"{arm} {_against(r['greedy_on_sampled'])}"
                          for arm, r in entry["arms"].items() if "greedy_on_sampled" in r]
+            unscored = [arm for arm, r in entry["arms"].items() if "greedy_on_sampled" not in r]
             if "base_greedy_on_sampled" in entry:
                 on_subset.insert(0, f"base {_against(entry['base_greedy_on_sampled'])}")
             lines.append(f"Greedy pass@1 on the same problems, and its paired difference to the base model's "
                          f"maj@{k} ({sampled[f'maj@{k}'].get('correct', '')}/{sampled[f'maj@{k}']['n']}): "
-                         f"{', '.join(on_subset)}.")
+                         f"{', '.join(on_subset)}." + (f" Not scored on these problems (records not kept): "
+                                                       f"{', '.join(unscored)}." if unscored else ""))
+        if any(r.get("carried_over") for r in entry["arms"].values()) and not entry.get("carried_over"):
+            lines.append(f"{CARRIED_MARK} {CARRIED_NOTE}")
         lines.append("")
     if summary["arms"]:
         lines += ["### Training runs: collapse flags and the held-out probe", "",
                   "| arm | overrides | probe accuracy by steps done | collapse flags |", "|---|---|---|---|"]
         for arm, info in summary["arms"].items():
             probe = ", ".join(f"{p['steps_done']}: {p['correct']}/{p['n']}" for p in info["probe"]) or "–"
-            lines.append(f"| {arm} | `{' '.join(info['overrides'])}` | {probe} | {'; '.join(info['flags']) or 'none'} |")
+            lines.append(f"| {arm}{' ' + CARRIED_MARK if info.get('carried_over') else ''} | `{' '.join(info['overrides'])}` | {probe} | {'; '.join(info['flags']) or 'none'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -356,9 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
     if not args.summary_only:
         run(args)
-    summary = summarize(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    keep_runs(args)
+    earlier = json.loads((out / "quality.json").read_text()) if (out / "quality.json").is_file() else {}
+    summary = carry_over(summarize(args), earlier)
     (out / "quality.json").write_text(json.dumps(summary, indent=1))
     table = markdown(summary, args)
     (out / "quality.md").write_text(table)

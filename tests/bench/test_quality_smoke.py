@@ -6,6 +6,7 @@ The tiny model's accuracy means nothing; this keeps bench/quality.py from rottin
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -42,12 +43,45 @@ def test_quality_protocol_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, s
     assert set(summary["sets"]["gsm8k-t6"]["arms"]) == {"rlsc-l2"}
     assert summary["sets"]["gsm8k"]["arms"]["entropy"]  # the earlier results are still summarized
     assert "### gsm8k, 6 new tokens (n = 4)" in (out / "quality.md").read_text()
+    # the runs kept beside the results rebuild the same summary without the work folder
+    kept = out / quality.KEPT
+    assert (kept / "eval" / "base" / "gsm8k" / "problems.jsonl").is_file()
+    assert all("samples" not in json.loads(line) for line in
+               (kept / "eval" / "base-k3-n2" / "gsm8k" / "problems.jsonl").read_text().splitlines())
+    shutil.rmtree(tmp_path / "work")
+    assert quality.main([*argv, "--summary-only"]) == 0
+    assert json.loads((out / "quality.json").read_text()) == summary
+
+
+def _metrics_entry(correct: int, n: int) -> dict:
+    return {"pass@1": {"value": correct / n, "correct": correct, "n": n, "ci_low": 0.0, "ci_high": 1.0},
+            "mean_confidence": 0.5, "mean_length": 10.0, "truncated_share": 0.0}
+
+
+def test_an_earlier_summary_is_carried_over_where_nothing_recomputes_it():
+    arm = {"metrics": _metrics_entry(3, 4), "paired": {"difference": 0.25, "ci_low": 0.0, "ci_high": 0.5},
+           "greedy_on_sampled": {"correct": 1, "n": 2, "difference": 0.0, "ci_low": 0.0, "ci_high": 0.0}}
+    earlier = {"sets": {"gsm8k": {"base": _metrics_entry(2, 4), "arms": {"rlsc-l1": arm}},
+                        "generated": {"base": _metrics_entry(2, 4), "arms": {"rlsc-l1": arm, "entropy": arm}}},
+               "arms": {"rlsc-l1": {"overrides": [], "flags": [], "probe": []}}}
+    now = {"sets": {"generated": {"base": _metrics_entry(2, 4), "base_sampled": {"n": 4}, "arms": {"entropy": {}}}},
+           "arms": {}}
+    merged = quality.carry_over(now, earlier)
+    assert merged["sets"]["gsm8k"]["carried_over"]  # nothing recomputed it: kept whole, marked
+    generated = merged["sets"]["generated"]
+    assert generated["arms"]["entropy"] == {}  # recomputed now: the new result wins
+    # the same base: the earlier arm's paired figures hold; its subset score (2 problems, not 4) is dropped
+    assert generated["arms"]["rlsc-l1"]["carried_over"] and "greedy_on_sampled" not in generated["arms"]["rlsc-l1"]
+    assert merged["arms"]["rlsc-l1"]["carried_over"]
+    # a base that scores differently now: the earlier arms are not mixed in
+    now = {"sets": {"generated": {"base": _metrics_entry(3, 4), "arms": {}}}, "arms": {}}
+    assert quality.carry_over(now, earlier)["sets"]["generated"]["arms"] == {}
 
 
 def test_the_largest_sampled_subset_is_summarized_and_scored_on_the_same_problems(tmp_path):
     import argparse
 
-    args = argparse.Namespace(work=str(tmp_path), k=16)
+    args = argparse.Namespace(work=str(tmp_path), out=str(tmp_path / "results"), k=16)
     for n in (16, 32, 4):
         quality.sampled_dir(args, "gsm8k", n).mkdir(parents=True)
         (quality.sampled_dir(args, "gsm8k", n) / "metrics.json").write_text("{}")
