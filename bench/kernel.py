@@ -50,6 +50,34 @@ def time_alternated(calls: dict[str, Callable], repeats: int) -> dict[str, float
     return {label: statistics.median(s) for label, s in seconds.items()}
 
 
+def fma_peak_gflops(threads: int, iterations: int = 20_000_000) -> float | None:
+    """fp32 GFLOP/s of bench/fma_peak.c (independent AVX2 FMA chains, no memory traffic) at this
+    many threads: the ceiling the kernel's arithmetic is judged against. None without a compiler."""
+    import ctypes
+    import hashlib
+    import shutil
+    import subprocess
+
+    from rlsc.decoding import KERNEL_FLAGS, _compile_kernel
+    from rlsc.models import cache_root
+
+    source = HERE / "fma_peak.c"
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    key = hashlib.sha256(source.read_bytes() + " ".join((compiler, *KERNEL_FLAGS)).encode()).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"fma_peak-{key}.so"
+    try:
+        if not target.is_file():
+            _compile_kernel(compiler, source, target)
+        peak = ctypes.CDLL(str(target)).rlsc_fma_peak_gflops
+    except (OSError, subprocess.SubprocessError):
+        return None
+    peak.restype, peak.argtypes = ctypes.c_double, [ctypes.c_int, ctypes.c_long]
+    peak(threads, iterations // 10)  # warm-up: clocks up
+    return max(peak(threads, iterations) for _ in range(3))
+
+
 def kernel_at(revision: str) -> Callable:
     """The decode kernel as built from an earlier git revision's source."""
     import subprocess
@@ -104,15 +132,26 @@ def measure(shapes: dict[str, tuple[int, int]], rows: list[int], budget_bytes: f
     return results
 
 
-def markdown(model: str, results: list[dict], threads: int, against: str | None = None) -> str:
+def kernel_gflops(result: dict) -> float:
+    """The kernel's arithmetic rate: 2 FLOPs per weight per row, 4 bytes per weight."""
+    return result["kernel_GBps"] / 4 * 2 * result["rows"]
+
+
+def markdown(model: str, results: list[dict], threads: int, against: str | None = None,
+             peak: float | None = None) -> str:
     other = [f"kernel@{against} GB/s", "kernel / kernel@" + against] if against else []
-    header = ["layer", "out × in", "rows", "torch GB/s", "kernel GB/s", "speedup", *other, "max rel. error"]
+    header = ["layer", "out × in", "rows", "torch GB/s", "kernel GB/s", "speedup", "kernel GFLOP/s",
+              *other, "max rel. error"]
+    peak_line = (f"fp32 FMA peak at {threads} threads (`bench/fma_peak.c`: AVX2 FMA chains, no memory "
+                 f"traffic): **{peak:.0f} GFLOP/s**; the kernel GFLOP/s column is 2 FLOPs per weight per row."
+                 if peak else "FMA peak: not measured (no C compiler).")
     lines = [f"## Decode kernel vs torch's matmul: {model}, fp32, {threads} threads", "",
-             "Weight GB streamed per second (higher is better), median of alternated calls.", "",
+             "Weight GB streamed per second (higher is better), median of alternated calls.", "", peak_line, "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         cells = [r["layer"], f"{r['shape'][0]} × {r['shape'][1]}", str(r["rows"]), f"{r['torch_GBps']:.1f}",
-                 f"{r['kernel_GBps']:.1f}", f"{r['speedup']:.2f}×"]
+                 f"{r['kernel_GBps']:.1f}", f"{r['speedup']:.2f}×",
+                 f"{kernel_gflops(r):.0f}" + (f" ({kernel_gflops(r) / peak:.0%})" if peak else "")]
         if against:
             cells += [f"{r['other_GBps']:.1f}", f"{r['other_s'] / r['kernel_s']:.2f}×"]
         lines.append("| " + " | ".join([*cells, f"{r['max_rel_error']:.1e}"]) + " |")
@@ -142,10 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     slug = args.model.removeprefix("embedded:").rstrip("/").split("/")[-1]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    peak = fma_peak_gflops(torch.get_num_threads())
     (out / f"kernel-{slug}.json").write_text(json.dumps({"model": args.model, "threads": torch.get_num_threads(),
                                                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                                        "against": args.against, "results": results}, indent=2))
-    table = markdown(args.model, results, torch.get_num_threads(), args.against)
+                                                        "against": args.against, "fma_peak_gflops": peak,
+                                                        "results": results}, indent=2))
+    table = markdown(args.model, results, torch.get_num_threads(), args.against, peak)
     (out / f"kernel-{slug}.md").write_text(table)
     print(table)
     return 0

@@ -33,3 +33,10 @@ def test_kernel_bench_times_an_earlier_revision_alongside(tiny_model_dir, tmp_pa
     assert data["against"] == "HEAD"
     assert all(r["other_s"] > 0 for r in data["results"])
     assert "kernel@HEAD GB/s" in report.with_suffix(".md").read_text()
+
+
+def test_the_kernel_is_judged_against_the_machines_fma_peak(skinny_kernel):
+    # 2 FLOPs per weight per row, 4 bytes per weight: 8 GB/s at 16 rows is 64 GFLOP/s
+    assert kernel.kernel_gflops({"kernel_GBps": 8.0, "rows": 16}) == 64.0
+    peak = kernel.fma_peak_gflops(1, iterations=2_000_000)
+    assert peak is not None and 1 < peak < 1000  # one core: a few GHz x 32 FLOPs per cycle at most
