@@ -56,12 +56,17 @@ def measure_floors(seconds: float = 2.0) -> dict[str, float]:
     dst = torch.empty_like(src)
 
     def rate(work) -> float:
+        """The best of three windows: a floor is the most the machine can do, and a shared VM's
+        rate varies from one second to the next (one 2 s window read 89 GFLOP/s, three later 101-104)."""
         work()
-        runs, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            work()
-            runs += 1
-        return runs / (time.perf_counter() - start)
+        best = 0.0
+        for _ in range(3):
+            runs, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / 3:
+                work()
+                runs += 1
+            best = max(best, runs / (time.perf_counter() - start))
+        return best
 
     copy_gbs = src.numel() * 4 * rate(lambda: dst.copy_(src)) / 1e9
     read_gbs = src.numel() * 4 * rate(src.sum) / 1e9
