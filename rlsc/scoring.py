@@ -76,7 +76,10 @@ def packed_logits_shared_prompt(model, prompt_ids, prompt_mask, completion_ids, 
     each token attend to the prompt and to the earlier tokens of its own row only, so values and
     gradients equal those of running each row on its own (tested).
     """
-    decoder, head = decoder_and_head(model)
+    split = decoder_and_head(model)
+    if split is None:
+        raise ValueError(f"{type(model).__name__} transforms its logits beyond the head: score it with completion_logits")
+    decoder, head = split
     embed = model.get_input_embeddings()
     n, width = completion_ids.shape
     device = completion_ids.device
