@@ -54,23 +54,15 @@ def fma_peak_gflops(threads: int, iterations: int = 20_000_000) -> float | None:
     """fp32 GFLOP/s of bench/fma_peak.c (independent AVX2 FMA chains, no memory traffic) at this
     many threads: the ceiling the kernel's arithmetic is judged against. None without a compiler."""
     import ctypes
-    import hashlib
-    import shutil
     import subprocess
 
-    from rlsc.decoding import KERNEL_FLAGS, _compile_kernel
-    from rlsc.models import cache_root
+    from rlsc.decoding import build_library, c_compiler
 
-    source = HERE / "fma_peak.c"
-    compiler = shutil.which("cc") or shutil.which("gcc")
+    compiler = c_compiler()
     if compiler is None:
         return None
-    key = hashlib.sha256(source.read_bytes() + " ".join((compiler, *KERNEL_FLAGS)).encode()).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"fma_peak-{key}.so"
     try:
-        if not target.is_file():
-            _compile_kernel(compiler, source, target)
-        peak = ctypes.CDLL(str(target)).rlsc_fma_peak_gflops
+        peak = build_library(HERE / "fma_peak.c", "fma_peak", compiler).rlsc_fma_peak_gflops
     except (OSError, subprocess.SubprocessError):
         return None
     peak.restype, peak.argtypes = ctypes.c_double, [ctypes.c_int, ctypes.c_long]

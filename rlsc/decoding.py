@@ -148,21 +148,31 @@ def skinny_kernel() -> Callable | None:
     return load_kernel(KERNEL_SOURCE)
 
 
+def c_compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def build_library(source: Path, name: str, compiler: str) -> ctypes.CDLL:
+    """A C source compiled with KERNEL_FLAGS (once per source, compiler and flags) into the model
+    cache as <name>-<key>.so, and loaded; raises OSError or SubprocessError where that fails."""
+    key = hashlib.sha256(source.read_bytes() + " ".join((compiler, *KERNEL_FLAGS)).encode()).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"{name}-{key}.so"
+    if not target.is_file():
+        _compile_kernel(compiler, source, target)
+    return ctypes.CDLL(str(target))
+
+
 def load_kernel(source: Path) -> Callable | None:
     """A kernel source built (once per source, compiler and flags) and loaded; None if that fails.
 
     skinny_kernel() loads the package's own source; bench.kernel also loads an older revision's
     to time the two against each other."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = c_compiler()
     if compiler is None:
         log.warning("decode kernel off: no C compiler (cc/gcc) on PATH; sampling uses torch's matmul")
         return None
-    key = hashlib.sha256(source.read_bytes() + " ".join((compiler, *KERNEL_FLAGS)).encode()).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"skinny_linear-{key}.so"
     try:
-        if not target.is_file():
-            _compile_kernel(compiler, source, target)
-        library = ctypes.CDLL(str(target))
+        library = build_library(source, "skinny_linear", compiler)
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", None) or err
         log.warning("decode kernel off: building %s with %s failed (%s); sampling uses torch's matmul",
