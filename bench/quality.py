@@ -320,6 +320,10 @@ def _against(m: dict) -> str:
             f"{100 * m['ci_high']:+.1f}])")
 
 
+def _label(arm: str, result: dict) -> str:
+    return f"{arm} {CARRIED_MARK}" if result.get("carried_over") else arm
+
+
 def _pct(m: dict) -> str:
     return f"{100 * m['value']:.1f} [{100 * m['ci_low']:.1f}, {100 * m['ci_high']:.1f}] ({m.get('correct', '')}/{m['n']})"
 
@@ -338,7 +342,7 @@ def markdown(summary: dict, args) -> str:
                   f"{100 * base['truncated_share']:.1f}% |")]
         for arm, result in entry["arms"].items():
             m, d = result["metrics"], result["paired"]
-            lines.append(f"| {arm}{' ' + CARRIED_MARK if result.get('carried_over') else ''} | {_pct(m['pass@1'])} | {100 * d['difference']:+.1f} [{100 * d['ci_low']:+.1f}, "
+            lines.append(f"| {_label(arm, result)} | {_pct(m['pass@1'])} | {100 * d['difference']:+.1f} [{100 * d['ci_low']:+.1f}, "
                          f"{100 * d['ci_high']:+.1f}] | {m['mean_confidence']:.3f} | {m['mean_length']:.1f} | "
                          f"{100 * m['truncated_share']:.1f}% |")
         sampled = entry.get("base_sampled")
@@ -367,7 +371,7 @@ def markdown(summary: dict, args) -> str:
                   "| arm | overrides | probe accuracy by steps done | collapse flags |", "|---|---|---|---|"]
         for arm, info in summary["arms"].items():
             probe = ", ".join(f"{p['steps_done']}: {p['correct']}/{p['n']}" for p in info["probe"]) or "–"
-            lines.append(f"| {arm}{' ' + CARRIED_MARK if info.get('carried_over') else ''} | `{' '.join(info['overrides'])}` | {probe} | {'; '.join(info['flags']) or 'none'} |")
+            lines.append(f"| {_label(arm, info)} | `{' '.join(info['overrides'])}` | {probe} | {'; '.join(info['flags']) or 'none'} |")
     return "\n".join(lines) + "\n"
 
 
