@@ -36,17 +36,20 @@ def build_tiny_tokenizer():
     return tok
 
 
-def build_tiny_model(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2, tie_word_embeddings: bool = False):
+def build_tiny_model(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2, tie_word_embeddings: bool = False,
+                     family: str = "llama"):
+    """A tiny random causal LM: Llama (SmolLM2's family) by default, or Qwen2 (the embedded default's)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=tie_word_embeddings,
     )
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     model.generation_config.eos_token_id = 1
     model.generation_config.pad_token_id = 0
     return model.eval()

@@ -111,20 +111,22 @@ def test_greedy_rollouts_are_deterministic_and_need_k_1(tiny_policy):
         generate_rollouts(model, tok, _prompts(tok), k=2, temperature=1.0, max_new_tokens=6, greedy=True)
 
 
-@pytest.mark.parametrize("pack_tokens,tied", [(1024, False), (7, False), (1, False), (7, True)])
-def test_shared_prompt_scoring_equals_full_scoring_with_gradients(tiny_policy, monkeypatch, pack_tokens, tied):
+@pytest.mark.parametrize("pack_tokens,tied,family", [(1024, False, "llama"), (7, False, "llama"), (1, False, "llama"),
+                                                     (7, True, "llama"), (7, True, "qwen2")])
+def test_shared_prompt_scoring_equals_full_scoring_with_gradients(tiny_policy, monkeypatch, pack_tokens, tied, family):
     """The k samples of one question score their prompt once, packed without padding; values and
     gradients are those of running every padded row in full (one pack; several; a row per pack;
-    several with the head tied to the embedding, whose gradient then sums head and lookups)."""
+    several with the head tied to the embedding, whose gradient then sums head and lookups; the
+    same in the Qwen2 family, the embedded default's, whose attention has biases)."""
     from rlsc import scoring
 
     from tests.conftest import build_tiny_model
 
     monkeypatch.setattr(scoring, "PACK_TOKENS", pack_tokens)
     model, tok = tiny_policy
-    if tied:
-        model = build_tiny_model(len(tok), seed=3, tie_word_embeddings=True)
-        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    if tied or family != "llama":
+        model = build_tiny_model(len(tok), seed=3, tie_word_embeddings=tied, family=family)
+        assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
     torch.manual_seed(4)
     r = generate_rollouts(model, tok, _prompts(tok)[1:], k=6, temperature=1.0, max_new_tokens=8)
     assert scoring._shares_one_prompt(r.prompt_ids, r.prompt_mask)
