@@ -45,6 +45,9 @@ ARMS = {
 }
 
 
+EVAL_SETS = ("generated", "gsm8k")  # in table order
+
+
 def eval_sources(args) -> dict[str, tuple[str, int | None]]:
     return {"generated": (args.generated, None), "gsm8k": (str(SHARED_DATA / "gsm8k" / "test.jsonl"), args.gsm8k_n)}
 
@@ -245,9 +248,13 @@ def collapse_flags(metrics_path: Path, probe: list[dict] | None = None) -> list[
 def evaluated_sets(args) -> list[str]:
     """The set labels the base model has results for: each eval set, then its other-length runs."""
     done = {p.parent.name for root in run_roots(args) for p in (root / "eval" / "base").glob("*/metrics.json")}
-    return [label for name in eval_sources(args)
-            for label in sorted((x for x in done if x == name or x.startswith(f"{name}-t")),
-                                key=lambda x: (x != name, len(x), x))]
+    return sorted((x for x in done if x.split("-t")[0] in eval_sources(args)), key=set_order)
+
+
+def set_order(label: str) -> tuple:
+    """Where a set's table goes: generated, then gsm8k, each before its other-length runs (gsm8k-t384)."""
+    name, _, tokens = label.partition("-t")
+    return (list(EVAL_SETS).index(name) if name in EVAL_SETS else len(EVAL_SETS), int(tokens or 0), label)
 
 
 def _metrics(path: Path | None) -> dict | None:
@@ -308,6 +315,7 @@ def carry_over(summary: dict, earlier: dict) -> dict:
     for arm, info in earlier.get("arms", {}).items():
         if arm not in summary["arms"]:
             summary["arms"][arm] = {**info, "carried_over": True}
+    summary["sets"] = dict(sorted(summary["sets"].items(), key=lambda item: set_order(item[0])))
     return summary
 
 

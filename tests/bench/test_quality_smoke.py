@@ -64,10 +64,12 @@ def test_an_earlier_summary_is_carried_over_where_nothing_recomputes_it():
     earlier = {"sets": {"gsm8k": {"base": _metrics_entry(2, 4), "arms": {"rlsc-l1": arm}},
                         "generated": {"base": _metrics_entry(2, 4), "arms": {"rlsc-l1": arm, "entropy": arm}}},
                "arms": {"rlsc-l1": {"overrides": [], "flags": [], "probe": []}}}
-    now = {"sets": {"generated": {"base": _metrics_entry(2, 4), "base_sampled": {"n": 4}, "arms": {"entropy": {}}}},
+    now = {"sets": {"gsm8k-t384": {"base": _metrics_entry(3, 4), "arms": {}},
+                    "generated": {"base": _metrics_entry(2, 4), "base_sampled": {"n": 4}, "arms": {"entropy": {}}}},
            "arms": {}}
     merged = quality.carry_over(now, earlier)
     assert merged["sets"]["gsm8k"]["carried_over"]  # nothing recomputed it: kept whole, marked
+    assert list(merged["sets"]) == ["generated", "gsm8k", "gsm8k-t384"]  # each set before its longer-answer run
     generated = merged["sets"]["generated"]
     assert generated["arms"]["entropy"] == {}  # recomputed now: the new result wins
     # the same base: the earlier arm's paired figures hold; its subset score (2 problems, not 4) is dropped
