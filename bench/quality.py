@@ -45,11 +45,15 @@ ARMS = {
 }
 
 
-EVAL_SETS = ("generated", "gsm8k")  # in table order
+# each eval set, in table order: its file and how many of its problems (None: all), from the arguments
+EVAL_SETS = {
+    "generated": lambda args: (args.generated, None),
+    "gsm8k": lambda args: (str(SHARED_DATA / "gsm8k" / "test.jsonl"), args.gsm8k_n),
+}
 
 
 def eval_sources(args) -> dict[str, tuple[str, int | None]]:
-    return {"generated": (args.generated, None), "gsm8k": (str(SHARED_DATA / "gsm8k" / "test.jsonl"), args.gsm8k_n)}
+    return {name: source(args) for name, source in EVAL_SETS.items()}
 
 
 def base_config(args, *extra: str):
@@ -67,6 +71,12 @@ def eval_config(args, *extra: str):
 def set_label(args, name: str) -> str:
     """The folder of an eval set's results: `gsm8k`, or `gsm8k-t384` when evaluated at another length."""
     return f"{name}-t{args.eval_tokens}" if args.eval_tokens else name
+
+
+def parse_set_label(label: str) -> tuple[str, int | None]:
+    """set_label's inverse: ("gsm8k", 384) from `gsm8k-t384`, ("generated", None) from `generated`."""
+    name, _, tokens = label.partition("-t")
+    return name, int(tokens) if tokens else None
 
 
 # ---------------------------------------------------------------- stages
@@ -248,13 +258,13 @@ def collapse_flags(metrics_path: Path, probe: list[dict] | None = None) -> list[
 def evaluated_sets(args) -> list[str]:
     """The set labels the base model has results for: each eval set, then its other-length runs."""
     done = {p.parent.name for root in run_roots(args) for p in (root / "eval" / "base").glob("*/metrics.json")}
-    return sorted((x for x in done if x.split("-t")[0] in eval_sources(args)), key=set_order)
+    return sorted((x for x in done if parse_set_label(x)[0] in EVAL_SETS), key=set_order)
 
 
 def set_order(label: str) -> tuple:
     """Where a set's table goes: generated, then gsm8k, each before its other-length runs (gsm8k-t384)."""
-    name, _, tokens = label.partition("-t")
-    return (list(EVAL_SETS).index(name) if name in EVAL_SETS else len(EVAL_SETS), int(tokens or 0), label)
+    name, tokens = parse_set_label(label)
+    return (list(EVAL_SETS).index(name) if name in EVAL_SETS else len(EVAL_SETS), tokens or 0, label)
 
 
 def _metrics(path: Path | None) -> dict | None:

@@ -5,6 +5,7 @@ The tiny model's accuracy means nothing; this keeps bench/quality.py from rottin
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 
@@ -78,6 +79,13 @@ def test_an_earlier_summary_is_carried_over_where_nothing_recomputes_it():
     # a base that scores differently now: the earlier arms are not mixed in
     now = {"sets": {"generated": {"base": _metrics_entry(3, 4), "arms": {}}}, "arms": {}}
     assert quality.carry_over(now, earlier)["sets"]["generated"]["arms"] == {}
+
+
+def test_a_set_label_parses_back_to_its_set_and_eval_length():
+    for tokens in (None, 384):
+        label = quality.set_label(argparse.Namespace(eval_tokens=tokens), "gsm8k")
+        assert quality.parse_set_label(label) == ("gsm8k", tokens)
+    assert list(quality.eval_sources(argparse.Namespace(generated="g.jsonl", gsm8k_n=200))) == list(quality.EVAL_SETS)
 
 
 def test_the_largest_sampled_subset_is_summarized_and_scored_on_the_same_problems(tmp_path):

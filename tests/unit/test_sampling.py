@@ -119,7 +119,6 @@ def test_shared_prompt_scoring_equals_full_scoring_with_gradients(tiny_policy, m
     several with the head tied to the embedding, whose gradient then sums head and lookups; the
     same in the Qwen2 family, the embedded default's, whose attention has biases)."""
     from rlsc import scoring
-
     from tests.conftest import build_tiny_model
 
     monkeypatch.setattr(scoring, "PACK_TOKENS", pack_tokens)
