@@ -18,6 +18,7 @@ alternation (a column of its own), so a change to the kernel is measured against
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -51,7 +52,7 @@ def time_alternated(calls: dict[str, Callable], repeats: int) -> dict[str, float
 
 
 def fma_peak_gflops(threads: int, iterations: int = 20_000_000) -> float | None:
-    """fp32 GFLOP/s of bench/fma_peak.c (independent AVX2 FMA chains, no memory traffic) at this
+    """fp32 GFLOP/s of bench/fma_peak.c (independent FMA chains as wide as the kernel's, no memory traffic) at this
     many threads: the ceiling the kernel's arithmetic is judged against. None without a compiler."""
     import ctypes
     import subprocess
@@ -68,6 +69,22 @@ def fma_peak_gflops(threads: int, iterations: int = 20_000_000) -> float | None:
     peak.restype, peak.argtypes = ctypes.c_double, [ctypes.c_int, ctypes.c_long]
     peak(threads, iterations // 10)  # warm-up: clocks up
     return max(peak(threads, iterations) for _ in range(3))
+
+
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache's size from sysfs (Linux), None where it cannot be read."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        with contextlib.suppress(ValueError):
+            sizes.append(int(text[:-1]) * {"K": 1024, "M": 1024**2}[text[-1]] if text[-1] in "KM" else int(text))
+    return max(sizes, default=None)
+
+
+def default_pool_mb() -> float:
+    # weights cycled must stream from memory, as in a decode step: several times past the L3
+    # (32 MB on one machine this ran on, 480 MB on another)
+    return max(256.0, 3 * (last_level_cache_bytes() or 0) / 1e6)
 
 
 def kernel_at(revision: str) -> Callable:
@@ -134,7 +151,10 @@ def markdown(model: str, results: list[dict], threads: int, against: str | None 
     other = [f"kernel@{against} GB/s", "kernel / kernel@" + against] if against else []
     header = ["layer", "out × in", "rows", "torch GB/s", "kernel GB/s", "speedup", "kernel GFLOP/s",
               *other, "max rel. error"]
-    peak_line = (f"fp32 FMA peak at {threads} threads (`bench/fma_peak.c`: AVX2 FMA chains, no memory "
+    from rlsc.decoding import AVX512_FLAGS, kernel_flags
+
+    isa = "AVX-512" if kernel_flags() == AVX512_FLAGS else "AVX2"
+    peak_line = (f"fp32 FMA peak at {threads} threads (`bench/fma_peak.c`: {isa} FMA chains, no memory "
                  f"traffic): **{peak:.0f} GFLOP/s**; the kernel GFLOP/s column is 2 FLOPs per weight per row."
                  if peak else "FMA peak: not measured (no C compiler).")
     lines = [f"## Decode kernel vs torch's matmul: {model}, fp32, {threads} threads", "",
@@ -154,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.kernel", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="embedded:qwen2.5-coder-0.5b-instruct")
     p.add_argument("--rows", default="1,4,16,32,64,128", help="rows per call (k samples x prompts)")
-    p.add_argument("--pool-mb", type=float, default=256, help="weight copies cycled per shape (past the L3)")
+    p.add_argument("--pool-mb", type=float, default=default_pool_mb(),
+                   help="weight copies cycled per shape (default: 3x the last-level cache, at least 256)")
     p.add_argument("--against", metavar="REV", help="also time the kernel source of this git revision")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)

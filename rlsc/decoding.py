@@ -14,8 +14,9 @@ layout (no copy), prefetching the next weight block while the current one is re-
 and streamed them 1.7-3.7x faster on the same shapes at two threads (`python -m bench.kernel`,
 bench/RESULTS.md).
 It is compiled with the system C compiler on first use into the model cache; where it cannot
-run (not x86-64 with AVX2, no compiler, RLSC_DECODE_KERNEL=0) the layers run as before. Outputs
-agree with nn.Linear to float rounding (a different summation order), not bit for bit.
+run (not x86-64 with AVX2, no compiler, RLSC_DECODE_KERNEL=0) the layers run as before; where the
+CPU has AVX-512 it is built for 16-float registers. Outputs agree with nn.Linear to float rounding
+(a different summation order), not bit for bit.
 """
 
 from __future__ import annotations
@@ -117,18 +118,24 @@ class ReservedCache(DynamicCache):
 # ---------------------------------------------------------------- the skinny-matrix decode kernel
 
 KERNEL_SOURCE = Path(__file__).with_name("kernels") / "skinny_linear.c"
-KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+AVX512_FLAGS = (*AVX2_FLAGS, "-mavx512f")  # the same C on 16-float registers (see skinny_linear.c)
 # `python -m bench.kernel` on Qwen's shapes, two threads: 1.7-3.7x torch's speed at 16 rows,
 # 1.2-2.6x at 64, 1.0-1.7x at 128; above 64 the gain is small and MKL's blocking is the safer bet.
 # Prefill (the prompt's tokens) and scoring have more rows and stay on MKL
 MAX_KERNEL_ROWS = 64
 
 
-def _compile_kernel(compiler: str, source: Path, target: Path) -> None:
+def kernel_flags() -> tuple[str, ...]:
+    """The compiler flags for this CPU: AVX-512 where torch finds it (avx512f/bw/vl/dq), else AVX2."""
+    return AVX512_FLAGS if torch.backends.cpu.get_cpu_capability() == "AVX512" else AVX2_FLAGS
+
+
+def _compile_kernel(compiler: str, flags: tuple[str, ...], source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial_file = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
-        subprocess.run([compiler, *KERNEL_FLAGS, "-o", str(partial_file), str(source)],
+        subprocess.run([compiler, *flags, "-o", str(partial_file), str(source)],
                        check=True, capture_output=True, text=True, timeout=120)
         os.replace(partial_file, target)  # whole or absent: a concurrent process never loads half a file
     finally:
@@ -152,27 +159,29 @@ def c_compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def build_library(source: Path, name: str, compiler: str) -> ctypes.CDLL:
-    """A C source compiled with KERNEL_FLAGS (once per source, compiler and flags) into the model
-    cache as <name>-<key>.so, and loaded; raises OSError or SubprocessError where that fails."""
-    key = hashlib.sha256(source.read_bytes() + " ".join((compiler, *KERNEL_FLAGS)).encode()).hexdigest()[:16]
+def build_library(source: Path, name: str, compiler: str, flags: tuple[str, ...] | None = None) -> ctypes.CDLL:
+    """A C source compiled with `flags` (default: kernel_flags()) once per source, compiler and
+    flags into the model cache as <name>-<key>.so, and loaded; raises OSError or SubprocessError
+    where that fails."""
+    flags = kernel_flags() if flags is None else flags
+    key = hashlib.sha256(source.read_bytes() + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
     target = cache_root() / "kernels" / f"{name}-{key}.so"
     if not target.is_file():
-        _compile_kernel(compiler, source, target)
+        _compile_kernel(compiler, flags, source, target)
     return ctypes.CDLL(str(target))
 
 
-def load_kernel(source: Path) -> Callable | None:
+def load_kernel(source: Path, flags: tuple[str, ...] | None = None) -> Callable | None:
     """A kernel source built (once per source, compiler and flags) and loaded; None if that fails.
 
-    skinny_kernel() loads the package's own source; bench.kernel also loads an older revision's
-    to time the two against each other."""
+    skinny_kernel() loads the package's own source for this CPU; bench.kernel also loads an older
+    revision's, or the AVX2 build on an AVX-512 CPU, to time them against each other."""
     compiler = c_compiler()
     if compiler is None:
         log.warning("decode kernel off: no C compiler (cc/gcc) on PATH; sampling uses torch's matmul")
         return None
     try:
-        library = build_library(source, "skinny_linear", compiler)
+        library = build_library(source, "skinny_linear", compiler, flags)
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", None) or err
         log.warning("decode kernel off: building %s with %s failed (%s); sampling uses torch's matmul",

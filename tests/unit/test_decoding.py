@@ -59,12 +59,17 @@ def test_sampling_with_the_reserved_cache_is_bit_identical(tiny_policy, monkeypa
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 64])
-@pytest.mark.parametrize("outer,inner", [(1, 1), (2, 7), (3, 8), (7, 9), (12, 33), (130, 96)])
+@pytest.mark.parametrize("outer,inner", [(1, 1), (2, 7), (3, 8), (7, 9), (5, 16), (4, 47), (12, 33), (130, 96)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_skinny_kernel_equals_a_float64_matmul(rows, outer, inner, with_bias, skinny_kernel):
+@pytest.mark.parametrize("build", ["this CPU's", "AVX2"])
+def test_skinny_kernel_equals_a_float64_matmul(rows, outer, inner, with_bias, build, skinny_kernel):
     """Every edge of the 4x3 blocking (rows and weight rows short of a block, inner sizes short of
-    and past a multiple of 8) against an independent float64 product; x a strided slice."""
-    kernel = skinny_kernel
+    and past a multiple of 8 and of 16) against an independent float64 product; x a strided slice.
+    Both builds: AVX-512 CPUs run the 16-float one, and the AVX2 one where that is all there is."""
+    from rlsc.decoding import AVX2_FLAGS, KERNEL_SOURCE, load_kernel
+
+    kernel = skinny_kernel if build == "this CPU's" else load_kernel(KERNEL_SOURCE, AVX2_FLAGS)
+    assert kernel is not None
     g = torch.Generator().manual_seed(rows * 1000 + outer * 10 + inner)
     wide = torch.randn(rows, inner + 5, generator=g)
     x = wide[:, 2:2 + inner]  # row stride inner + 5: the kernel honours it
