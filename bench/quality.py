@@ -42,6 +42,8 @@ ARMS = {
     "rlsc-l2-token-mean": ["train.objective=rlsc", "train.alpha=0.1", "train.weighting=token_mean"],
     "entropy": ["train.objective=entropy"],
     "majority-vote": ["train.objective=majority_vote"],
+    # the paper's objective on samples as long as the 384-token GSM8K evaluation's answers
+    "rlsc-l2-384": ["train.objective=rlsc", "train.alpha=0.1", "train.weighting=sequence", "sampling.max_new_tokens=384"],
 }
 
 
@@ -109,19 +111,65 @@ def evaluate_once(args, cfg, problems: Path, out: Path, trained: Path | None = N
 
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
+    kept = kept_base_result(args, out, problems) if trained is None else None
+    if kept is not None:
+        return kept
     print(f"[{time.strftime('%H:%M:%S')}] evaluate {trained or 'base'} on {problems.name}", file=sys.stderr)
     return evaluate_stage(cfg, problems, out, trained=trained, progress=not args.quiet)
+
+
+def kept_base_result(args, out: Path, problems: Path) -> dict | None:
+    """The base model's metrics for this evaluation as kept beside the results (results/quality-runs)
+    when they were measured on exactly these problems, so a new work folder does not re-run them.
+    Only the base model's: a trained arm's evaluation is redone with the arm (its training is)."""
+    from rlsc.data import load_problems
+
+    kept = Path(args.out) / KEPT / out.relative_to(args.work)
+    if not (kept / "metrics.json").is_file():
+        return None
+    wanted = sorted(p.id for p in load_problems(str(problems)))
+    if sorted(r["id"] for r in read_records(kept / "problems.jsonl")) != wanted:
+        print(f"{kept}: kept on other problems, evaluated again", file=sys.stderr)
+        return None
+    print(f"[{time.strftime('%H:%M:%S')}] base on {problems.name}: the kept result in {kept}", file=sys.stderr)
+    return json.loads((kept / "metrics.json").read_text())
+
+
+def training_settings(cfg) -> dict:
+    """What a trained arm depends on: model, prompt, sampling, training and guard settings (the
+    held-out probe only watches training, so its settings are left out)."""
+    tree = cfg.model_dump(mode="json")
+    settings = {section: tree[section] for section in ("model", "prompt", "sampling", "train", "guard")}
+    settings["train"] = {k: v for k, v in settings["train"].items() if not k.startswith("probe_")}
+    return settings
+
+
+def check_trained_as_configured(out: Path, cfg) -> None:
+    """Stop where a finished arm was trained under other settings than asked for now (an edited arm,
+    another --set): reusing it would report one model under another's name."""
+    from rlsc.config import load_config
+
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return
+    before, now = training_settings(load_config(saved)), training_settings(cfg)
+    changed = [f"{section}.{key}" for section in now for key in sorted(set(now[section]) | set(before[section]))
+               if now[section].get(key) != before[section].get(key)]
+    if changed:
+        raise SystemExit(f"{out} was trained with other settings ({', '.join(changed)} differ from this run's): "
+                         "delete that folder to retrain it, or give another --work")
 
 
 def train_arm(args, arm: str, paths: dict[str, Path]) -> Path:
     from rlsc.stages import train_stage
 
     out = Path(args.work) / "train" / arm
-    if (out / "final" / ".done").is_file():
-        return out / "final"
     probe = paths.get("generated")
     cfg = base_config(args, *ARMS[arm], *([f"train.probe_problems={probe}", f"train.probe_every={args.probe_every}",
                                            f"train.probe_limit={args.probe_n}"] if probe and args.probe_every else []))
+    if (out / "final" / ".done").is_file():
+        check_trained_as_configured(out, cfg)
+        return out / "final"
     print(f"[{time.strftime('%H:%M:%S')}] train {arm}", file=sys.stderr)
     result = train_stage(cfg, paths["train"], out, progress=not args.quiet)
     (result.final_dir / ".done").touch()

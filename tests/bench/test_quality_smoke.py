@@ -132,3 +132,30 @@ def test_collapse_flags_catch_the_measured_entropy_minimisation_collapse(tmp_pat
 
     healthy = _write_metrics(tmp_path / "healthy.jsonl", [row(0.185, 96, 0.56), row(0.17, 78, 0.3)])
     assert collapse_flags(healthy, probe(16, 16, 19)) == []
+
+
+def test_a_finished_arm_is_reused_only_under_the_settings_it_was_trained_with(tmp_path):
+    from rlsc.config import dump_config, load_config
+
+    trained = load_config(None, ["train.steps=4", "train.probe_every=2"])
+    (tmp_path / "config.yaml").write_text(dump_config(trained))
+    quality.check_trained_as_configured(tmp_path, load_config(None, ["train.steps=4", "train.probe_every=0"]))
+    with pytest.raises(SystemExit, match=r"train\.steps"):
+        quality.check_trained_as_configured(tmp_path, load_config(None, ["train.steps=5", "train.probe_every=2"]))
+    with pytest.raises(SystemExit, match=r"sampling\.max_new_tokens"):
+        quality.check_trained_as_configured(tmp_path, load_config(None, ["train.steps=4", *quality.ARMS["rlsc-l2-384"]]))
+
+
+def test_the_base_models_kept_result_is_reused_only_on_the_same_problems(tmp_path):
+    from rlsc.problems import Problem, write_problems
+
+    args = argparse.Namespace(work=str(tmp_path / "work"), out=str(tmp_path / "results"))
+    out = tmp_path / "work" / "eval" / "base" / "gsm8k"
+    kept = tmp_path / "results" / quality.KEPT / "eval" / "base" / "gsm8k"
+    kept.mkdir(parents=True)
+    (kept / "metrics.json").write_text(json.dumps({"n": 2}))
+    (kept / "problems.jsonl").write_text("".join(json.dumps({"id": i, "correct": True}) + "\n" for i in ("a", "b")))
+    same = write_problems(tmp_path / "same.jsonl", [Problem(id=i, question="q", answer="1", source="test") for i in ("b", "a")])
+    other = write_problems(tmp_path / "other.jsonl", [Problem(id=i, question="q", answer="1", source="test") for i in ("a", "c")])
+    assert quality.kept_base_result(args, out, same) == {"n": 2}
+    assert quality.kept_base_result(args, out, other) is None
