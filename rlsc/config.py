@@ -123,6 +123,11 @@ class TrainConfig(Section):
     steps: int = Field(10, ge=1, description="Optimizer steps (paper: 10 or 20).")
     questions_per_step: int = Field(2, ge=1, description="Questions accumulated into one optimizer step.")
     micro_batch: int = Field(8, ge=1, description="Sequences per forward/backward (memory knob only).")
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="bf16: the update's forward and backward under torch.autocast (bf16 matrix products; "
+        "weights, gradients, optimizer, log-softmax and the sampling-time p_old stay fp32). Several times "
+        "faster where the CPU has AMX or avx512_bf16 (bench/RESULTS.md), emulated and slower where not."
+    )
     retain_freed_memory: bool = Field(
         False, description="Keep freed memory in the process (glibc: no per-block mmaps, no trimming) so each "
         "step reuses it instead of page-faulting it anew: full fine-tuning updates ~20% faster, peak RSS "

@@ -332,6 +332,13 @@ def micro_batch_loss(model, batch, coefficients, n_tokens: int, temperature: flo
     return (loss if kl is None else loss + kl_beta * kl), kl
 
 
+def update_precision(model, train: TrainConfig):
+    """The autocast the update's forward runs under: bf16 matrix products with train.mixed_precision
+    = bf16 (autograd runs the backward's products in the same dtype), else none."""
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=train.mixed_precision == "bf16")
+
+
 def backward_on_rollouts(model, rollouts: Rollouts, answers, cfg: Config, backward) -> tuple[float, float | None]:
     """Accumulate the gradient of the step's loss (mean over questions); returns the loss value and
     the mean token KL to the initial policy (None without a KL penalty)."""
@@ -344,8 +351,9 @@ def backward_on_rollouts(model, rollouts: Rollouts, answers, cfg: Config, backwa
         order = torch.argsort(lengths, stable=True)
         for chunk in torch.split(order, train.micro_batch):
             batch = trimmed(rollouts, q * rollouts.k + chunk)
-            loss, kl = micro_batch_loss(model, batch, None if coefficients is None else coefficients[chunk],
-                                        int(lengths.sum()), rollouts.temperature, train.kl_beta)
+            with update_precision(model, train):
+                loss, kl = micro_batch_loss(model, batch, None if coefficients is None else coefficients[chunk],
+                                            int(lengths.sum()), rollouts.temperature, train.kl_beta)
             loss = loss / rollouts.num_prompts
             if not torch.isfinite(loss):
                 return float("nan"), None

@@ -194,3 +194,34 @@ def test_optimizer_is_fused_on_cpu_and_steps_like_the_default_adamw():
             opt.step()
     assert not torch.equal(fused_param, torch.linspace(-1, 1, 50))  # it moved
     assert torch.allclose(fused_param, plain_param, atol=1e-6)
+
+
+def test_bf16_mixed_precision_gives_the_fp32_gradient_to_bf16_rounding(tmp_path):
+    """The update under train.mixed_precision=bf16: its products really run in bf16 (the gradient is
+    not fp32's bit for bit), the gradient agrees with the fp32 one to bf16 rounding, and weights and
+    gradients stay fp32 (the optimizer never sees bf16)."""
+    from rlsc.prompts import render_prompt
+    from rlsc.trainer import backward_on_rollouts, sample_questions
+
+    model, tok = _fresh_policy(lora=False)
+    cfg = _cfg(tmp_path, "sampling.max_new_tokens=16")
+    bf16 = load_config(None, [f"paths.work_dir={tmp_path}", "sampling.k=4", "sampling.max_new_tokens=16",
+                              "train.micro_batch=3", "model.lora.enabled=false", "prompt.few_shot=[]",
+                              "train.mixed_precision=bf16"])
+    torch.manual_seed(0)
+    rollouts = sample_questions(model, tok, [render_prompt(tok, p.question, cfg.prompt) for p in PROBLEMS[:2]], cfg)
+    answers = [None] * len(rollouts.texts)
+
+    def gradient(c):
+        model.zero_grad(set_to_none=True)
+        loss, _ = backward_on_rollouts(model, rollouts, answers, c, lambda loss: loss.backward())
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+        return loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    loss_32, grad_32 = gradient(cfg)
+    loss_16, grad_16 = gradient(bf16)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not torch.equal(grad_32, grad_16)
+    assert torch.nn.functional.cosine_similarity(grad_32, grad_16, dim=0) > 0.99
+    assert float(grad_16.norm() / grad_32.norm()) == pytest.approx(1.0, abs=0.05)
+    assert loss_16 == pytest.approx(loss_32, rel=0.05, abs=1e-3)
