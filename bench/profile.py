@@ -96,12 +96,13 @@ def profile_step(args) -> dict:
     _, updated = profiled(lambda: update(rollouts))
     phases = {"sample": sampled, "update": updated}
     return {"model": args.model, "k": args.k, "max_new_tokens": args.max_new_tokens,
-            "torch_threads": torch.get_num_threads(), "phases": phases}
+            "torch_threads": torch.get_num_threads(), "overrides": args.set, "phases": phases}
 
 
 def render(result: dict) -> str:
     title = (f"## {result['model']}: k {result['k']}, ≤{result['max_new_tokens']} new tokens, "
-             f"{result['torch_threads']} threads")
+             f"{result['torch_threads']} threads" +
+             "".join(f", `{o}`" for o in result.get("overrides", [])))
     lines = [title, ""]
     for phase, p in result["phases"].items():
         extra = (f", {p['decode_steps']} decode steps, {p['completion_tokens']} completion tokens"

@@ -272,11 +272,12 @@ def summarize(runs: list[dict], floors: dict) -> dict:
     return out
 
 
-def markdown(summary: dict, floors: dict, meta: dict) -> str:
+def markdown(summary: dict, floors: dict, meta: dict, overrides: list[str] = ()) -> str:
     read = f"read {floors['read_GBps']:.1f} GB/s, " if "read_GBps" in floors else ""
+    extra = f" Config overrides: {' '.join(f'`{o}`' for o in overrides)}." if overrides else ""
     lines = [(f"Machine: {meta['machine']}; {read}copy {floors['copy_GBps']:.1f} GB/s, fp32 matmul "
              f"{floors['matmul_GFLOPs']:.0f} GFLOP/s ({floors['torch_threads']} threads), measured in this run. "
-             f"torch {meta['torch']}, transformers {meta['transformers']}, trl {meta['trl']}; {meta['date']}."), "",
+             f"torch {meta['torch']}, transformers {meta['transformers']}, trl {meta['trl']}; {meta['date']}.{extra}"), "",
              ("| model | impl | timed steps | median step s | sample s (floor, ×) | update s (floor: issue's / "
               "minimal, ×) | tokens/step | tokens/s | peak RSS GB |"), "|---|---|---|---|---|---|---|---|---|"]
     for model, impls in summary.items():
@@ -347,7 +348,7 @@ def write_summary(out_dir: Path, runs: list[dict], floors: dict, args: dict, met
     summary = summarize(runs, floors)
     (out_dir / "speed.json").write_text(json.dumps({"floors": floors, "meta": meta, "args": args,
                                                      "summary": summary, "runs": runs}, indent=1))
-    table = markdown(summary, floors, meta)
+    table = markdown(summary, floors, meta, args.get("set", []))
     (out_dir / "speed.md").write_text(table)
     print(table)
     return 0
