@@ -24,7 +24,9 @@ KINDS = (
     ("kv cache / concat", ("aten::cat", "aten::index", "aten::repeat_interleave")),
     ("vocabulary statistics", ("log_softmax", "aten::exp", "aten::cumsum", "aten::searchsorted",
                                "aten::max", "aten::gather", "aten::div")),
-    ("optimizer", ("_foreach", "aten::addcdiv", "aten::lerp", "aten::sqrt", "aten::norm")),
+    ("optimizer", ("_foreach", "_fused_adamw", "aten::addcdiv", "aten::lerp", "aten::sqrt", "aten::norm")),
+    ("copies and dtype casts", ("aten::copy_", "aten::_to_copy")),
+    ("zero fills", ("aten::fill_", "aten::zero_")),
 )
 
 

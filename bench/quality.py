@@ -44,6 +44,8 @@ ARMS = {
     "majority-vote": ["train.objective=majority_vote"],
     # the paper's objective on samples as long as the 384-token GSM8K evaluation's answers
     "rlsc-l2-384": ["train.objective=rlsc", "train.alpha=0.1", "train.weighting=sequence", "sampling.max_new_tokens=384"],
+    # the paper's objective with the update in bf16 mixed precision: does accuracy hold?
+    "rlsc-l2-bf16": ["train.objective=rlsc", "train.alpha=0.1", "train.weighting=sequence", "train.mixed_precision=bf16"],
 }
 
 
