@@ -5,10 +5,11 @@
  * packs the weight matrix on every call for so few rows and reaches ~3-8 GB/s here, a fraction
  * of the memory bandwidth. This kernel reads w in its nn.Linear layout [N, K] exactly once:
  * a block of 3 weight rows stays in L1 while it meets every row of x (L2), 4 rows at a time,
- * in 12 vector accumulators (3 weight loads + 4 x loads per 12 FMAs; AVX-512: 6 rows, below). Only the first of those
- * passes needs memory, so every pass also prefetches a share of the next block's weight rows:
- * memory keeps streaming while the block is re-read from L1 (1.07-1.20x at 16 rows on Qwen's
- * layers but down_proj, 0.95x there: `python -m bench.kernel --against 95cf529`).
+ * in 12 vector accumulators (3 weight loads + 4 x loads per 12 FMAs; AVX-512: 6 weight rows,
+ * below). Only the first of those passes needs memory, so every pass also prefetches a share of
+ * the next block's weight rows: memory keeps streaming while the block is re-read from L1
+ * (1.07-1.20x at 16 rows on Qwen's layers but down_proj, 0.95x there, on the AVX2 EPYC:
+ * `python -m bench.kernel --against 95cf529`).
  *
  * Built by rlsc/decoding.py with the system C compiler on first use; OpenMP resolves to the
  * libgomp torch has already loaded, so both share one thread pool.
@@ -17,8 +18,8 @@
  * registers, with the block widened to 6 weight rows (24 of the 32 registers accumulate), each x
  * row pinned in a register (else GCC folds the x load into every FMA: 3 loads where 1 does) and
  * the next block fetched into L2 rather than L1 (the 6-row block fills L1). Measured on a 2-core
- * AVX-512 Xeon at 16 rows, weights streaming from memory: 17.5-20.6 GB/s against 13.2-14.5 for the
- * AVX2 build and 7-10 for torch (bench/RESULTS.md). The AVX2 build keeps the 4 x 3 block that was
+ * AVX-512 Xeon at 16 rows, weights streaming from memory: 18.3-20.3 GB/s against 13.7-14.3 for the
+ * AVX2 source and 8.1-11.8 for torch (`python -m bench.kernel --against f39ddb4`, bench/RESULTS.md). The AVX2 build keeps the 4 x 3 block that was
  * measured best on an AVX2-only EPYC (16 registers: 12 accumulate).
  */
 #include <immintrin.h>
