@@ -225,3 +225,37 @@ def test_bf16_mixed_precision_gives_the_fp32_gradient_to_bf16_rounding(tmp_path)
     assert torch.nn.functional.cosine_similarity(grad_32, grad_16, dim=0) > 0.99
     assert float(grad_16.norm() / grad_32.norm()) == pytest.approx(1.0, abs=0.05)
     assert loss_16 == pytest.approx(loss_32, rel=0.05, abs=1e-3)
+
+
+def test_micro_batches_respect_both_caps_and_keep_the_order():
+    from rlsc.trainer import micro_batches
+
+    lengths = torch.tensor([5, 1, 3, 9, 2, 4])
+    order = torch.argsort(lengths, stable=True)  # rows 1, 4, 2, 5, 0, 3 (lengths 1, 2, 3, 4, 5, 9)
+    cut = lambda rows, positions: [c.tolist() for c in micro_batches(order, lengths, rows, positions)]
+    assert cut(8, 10_000) == [[1, 4, 2, 5, 0, 3]]
+    assert cut(4, 10_000) == [[1, 4, 2, 5], [0, 3]]
+    # positions = rows x the longest row: 1,2,3 -> 3 x 3 = 9 fits 10; adding 4 would be 16
+    assert cut(8, 10) == [[1, 4, 2], [5, 0], [3]]
+    assert cut(8, 4) == [[1, 4], [2], [5], [0], [3]]  # 5 and 9 exceed the cap: each alone
+
+
+def test_the_gradient_does_not_depend_on_the_micro_batch_cut(tmp_path):
+    from rlsc.prompts import render_prompt
+    from rlsc.trainer import backward_on_rollouts, sample_questions
+
+    model, tok = _fresh_policy(lora=False)
+    whole = _cfg(tmp_path, "sampling.max_new_tokens=12", "train.micro_batch=8", "train.micro_batch_tokens=100000")
+    single = _cfg(tmp_path, "sampling.max_new_tokens=12", "train.micro_batch=8", "train.micro_batch_tokens=1")
+    torch.manual_seed(0)
+    rollouts = sample_questions(model, tok, [render_prompt(tok, p.question, whole.prompt) for p in PROBLEMS[:2]], whole)
+    answers = [None] * len(rollouts.texts)
+
+    def gradient(c):
+        model.zero_grad(set_to_none=True)
+        loss, _ = backward_on_rollouts(model, rollouts, answers, c, lambda loss: loss.backward())
+        return loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    (loss_whole, grad_whole), (loss_single, grad_single) = gradient(whole), gradient(single)
+    assert loss_single == pytest.approx(loss_whole, rel=1e-5)
+    assert torch.allclose(grad_single, grad_whole, rtol=1e-4, atol=1e-6)
