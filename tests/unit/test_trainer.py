@@ -196,31 +196,35 @@ def test_optimizer_is_fused_on_cpu_and_steps_like_the_default_adamw():
     assert torch.allclose(fused_param, plain_param, atol=1e-6)
 
 
-def test_bf16_mixed_precision_gives_the_fp32_gradient_to_bf16_rounding(tmp_path):
-    """The update under train.mixed_precision=bf16: its products really run in bf16 (the gradient is
-    not fp32's bit for bit), the gradient agrees with the fp32 one to bf16 rounding, and weights and
-    gradients stay fp32 (the optimizer never sees bf16)."""
+def _one_update(tmp_path, *configs):
+    """One set of rollouts sampled from a fresh tiny policy, and the (loss, flat gradient) of the
+    step's update on them under each config (the first one samples)."""
     from rlsc.prompts import render_prompt
     from rlsc.trainer import backward_on_rollouts, sample_questions
 
     model, tok = _fresh_policy(lora=False)
-    cfg = _cfg(tmp_path, "sampling.max_new_tokens=16")
-    bf16 = load_config(None, [f"paths.work_dir={tmp_path}", "sampling.k=4", "sampling.max_new_tokens=16",
-                              "train.micro_batch=3", "model.lora.enabled=false", "prompt.few_shot=[]",
-                              "train.mixed_precision=bf16"])
     torch.manual_seed(0)
-    rollouts = sample_questions(model, tok, [render_prompt(tok, p.question, cfg.prompt) for p in PROBLEMS[:2]], cfg)
+    prompts = [render_prompt(tok, p.question, configs[0].prompt) for p in PROBLEMS[:2]]
+    rollouts = sample_questions(model, tok, prompts, configs[0])
     answers = [None] * len(rollouts.texts)
-
-    def gradient(c):
+    results = []
+    for cfg in configs:
         model.zero_grad(set_to_none=True)
-        loss, _ = backward_on_rollouts(model, rollouts, answers, c, lambda loss: loss.backward())
-        assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
-        return loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-    loss_32, grad_32 = gradient(cfg)
-    loss_16, grad_16 = gradient(bf16)
+        loss, _ = backward_on_rollouts(model, rollouts, answers, cfg, lambda loss: loss.backward())
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert all(g.dtype == torch.float32 for g in grads)  # the optimizer never sees another dtype
+        results.append((loss, torch.cat([g.flatten() for g in grads])))
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    return results
+
+
+def test_bf16_mixed_precision_gives_the_fp32_gradient_to_bf16_rounding(tmp_path):
+    """The update under train.mixed_precision=bf16: its products really run in bf16 (the gradient is
+    not fp32's bit for bit), the gradient agrees with the fp32 one to bf16 rounding, and weights and
+    gradients stay fp32."""
+    (loss_32, grad_32), (loss_16, grad_16) = _one_update(
+        tmp_path, _cfg(tmp_path, "sampling.max_new_tokens=16"),
+        _cfg(tmp_path, "sampling.max_new_tokens=16", "train.mixed_precision=bf16"))
     assert not torch.equal(grad_32, grad_16)
     assert torch.nn.functional.cosine_similarity(grad_32, grad_16, dim=0) > 0.99
     assert float(grad_16.norm() / grad_32.norm()) == pytest.approx(1.0, abs=0.05)
@@ -241,21 +245,8 @@ def test_micro_batches_respect_both_caps_and_keep_the_order():
 
 
 def test_the_gradient_does_not_depend_on_the_micro_batch_cut(tmp_path):
-    from rlsc.prompts import render_prompt
-    from rlsc.trainer import backward_on_rollouts, sample_questions
-
-    model, tok = _fresh_policy(lora=False)
-    whole = _cfg(tmp_path, "sampling.max_new_tokens=12", "train.micro_batch=8", "train.micro_batch_tokens=100000")
-    single = _cfg(tmp_path, "sampling.max_new_tokens=12", "train.micro_batch=8", "train.micro_batch_tokens=1")
-    torch.manual_seed(0)
-    rollouts = sample_questions(model, tok, [render_prompt(tok, p.question, whole.prompt) for p in PROBLEMS[:2]], whole)
-    answers = [None] * len(rollouts.texts)
-
-    def gradient(c):
-        model.zero_grad(set_to_none=True)
-        loss, _ = backward_on_rollouts(model, rollouts, answers, c, lambda loss: loss.backward())
-        return loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-    (loss_whole, grad_whole), (loss_single, grad_single) = gradient(whole), gradient(single)
+    (loss_whole, grad_whole), (loss_single, grad_single) = _one_update(
+        tmp_path, _cfg(tmp_path, "sampling.max_new_tokens=12", "train.micro_batch=8", "train.micro_batch_tokens=100000"),
+        _cfg(tmp_path, "sampling.max_new_tokens=12", "train.micro_batch=8", "train.micro_batch_tokens=1"))
     assert loss_single == pytest.approx(loss_whole, rel=1e-5)
     assert torch.allclose(grad_single, grad_whole, rtol=1e-4, atol=1e-6)
