@@ -123,6 +123,13 @@ class TrainConfig(Section):
     steps: int = Field(10, ge=1, description="Optimizer steps (paper: 10 or 20).")
     questions_per_step: int = Field(2, ge=1, description="Questions accumulated into one optimizer step.")
     micro_batch: int = Field(8, ge=1, description="Sequences per forward/backward (memory knob only).")
+    micro_batch_tokens: int = Field(
+        1024, ge=1, description="At most this many completion positions (rows x the longest) per forward/"
+        "backward, so long samples get smaller micro-batches (memory knob only: activations and the "
+        "vocabulary-wide tensors grow with it). Qwen 0.5B + LoRA, one step at 384 new tokens: 8 rows x 384 "
+        "was OOM-killed at 24 GB; capped at 2048 / 1024 it peaked at 21.4 / 22.3 GB (bench/RESULTS.md). "
+        "A longer sample goes alone."
+    )
     mixed_precision: Literal["no", "bf16"] = Field(
         "no", description="bf16: the update's forward and backward under torch.autocast (bf16 matrix products; "
         "weights, gradients, optimizer, log-softmax and the sampling-time p_old stay fp32). Several times "

@@ -339,6 +339,20 @@ def update_precision(model, train: TrainConfig):
     return torch.autocast(device, dtype=torch.bfloat16, enabled=train.mixed_precision == "bf16")
 
 
+def micro_batches(order: torch.Tensor, lengths: torch.Tensor, max_rows: int, max_positions: int) -> list[torch.Tensor]:
+    """`order` (rows, shortest first) cut into consecutive micro-batches of at most max_rows rows and
+    max_positions completion positions (rows x the longest, as a padded batch holds them); a row
+    longer than max_positions goes alone. The loss is a sum over samples, so the cut changes only
+    memory and speed, not the gradient."""
+    chunks, current = [], []
+    for row in order.tolist():
+        if current and (len(current) == max_rows or (len(current) + 1) * int(lengths[row]) > max_positions):
+            chunks.append(torch.tensor(current))
+            current = []
+        current.append(row)
+    return chunks + ([torch.tensor(current)] if current else [])
+
+
 def backward_on_rollouts(model, rollouts: Rollouts, answers, cfg: Config, backward) -> tuple[float, float | None]:
     """Accumulate the gradient of the step's loss (mean over questions); returns the loss value and
     the mean token KL to the initial policy (None without a KL penalty)."""
@@ -349,7 +363,7 @@ def backward_on_rollouts(model, rollouts: Rollouts, answers, cfg: Config, backwa
         lengths = rollouts.lengths[rollouts.rows(q)]
         # shortest first, so each micro-batch is trimmed to similar lengths (the loss is a sum over samples)
         order = torch.argsort(lengths, stable=True)
-        for chunk in torch.split(order, train.micro_batch):
+        for chunk in micro_batches(order, lengths, train.micro_batch, train.micro_batch_tokens):
             batch = trimmed(rollouts, q * rollouts.k + chunk)
             with update_precision(model, train):
                 loss, kl = micro_batch_loss(model, batch, None if coefficients is None else coefficients[chunk],

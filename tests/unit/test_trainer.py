@@ -231,10 +231,22 @@ def test_bf16_mixed_precision_gives_the_fp32_gradient_to_bf16_rounding(tmp_path)
     assert loss_16 == pytest.approx(loss_32, rel=0.05, abs=1e-3)
 
 
-def test_the_gradient_does_not_depend_on_the_micro_batch(tmp_path):
-    """train.micro_batch is a memory knob only: the loss is a sum over samples."""
+def test_micro_batches_respect_both_caps_and_keep_the_order():
+    from rlsc.trainer import micro_batches
+
+    lengths = torch.tensor([5, 1, 3, 9, 2, 4])
+    order = torch.argsort(lengths, stable=True)  # rows 1, 4, 2, 5, 0, 3 (lengths 1, 2, 3, 4, 5, 9)
+    cut = lambda rows, positions: [c.tolist() for c in micro_batches(order, lengths, rows, positions)]
+    assert cut(8, 10_000) == [[1, 4, 2, 5, 0, 3]]
+    assert cut(4, 10_000) == [[1, 4, 2, 5], [0, 3]]
+    # positions = rows x the longest row: 1,2,3 -> 3 x 3 = 9 fits 10; adding 4 would be 16
+    assert cut(8, 10) == [[1, 4, 2], [5, 0], [3]]
+    assert cut(8, 4) == [[1, 4], [2], [5], [0], [3]]  # 5 and 9 exceed the cap: each alone
+
+
+def test_the_gradient_does_not_depend_on_the_micro_batch_cut(tmp_path):
     (loss_whole, grad_whole), (loss_single, grad_single) = _one_update(
-        tmp_path, _cfg(tmp_path, "sampling.max_new_tokens=12", "train.micro_batch=8"),
-        _cfg(tmp_path, "sampling.max_new_tokens=12", "train.micro_batch=1"))
+        tmp_path, _cfg(tmp_path, "sampling.max_new_tokens=12", "train.micro_batch=8", "train.micro_batch_tokens=100000"),
+        _cfg(tmp_path, "sampling.max_new_tokens=12", "train.micro_batch=8", "train.micro_batch_tokens=1"))
     assert loss_single == pytest.approx(loss_whole, rel=1e-5)
     assert torch.allclose(grad_single, grad_whole, rtol=1e-4, atol=1e-6)
