@@ -11,6 +11,9 @@ kernel figures come from:
 
     python -m bench.kernel --model embedded:qwen2.5-coder-0.5b-instruct   # -> bench/results/kernel-*.md
 
+Where the CPU has AMX tiles (rlsc.decoding.amx_kernel, sampling.precision = bf16) the bf16 tile
+kernel is timed in the same alternation on bf16 copies of the weights (its GB/s counts bf16 bytes).
+
 `--against REV` also builds the kernel source of an earlier git revision and times it in the same
 alternation (a column of its own), so a change to the kernel is measured against what it replaced.
 """
@@ -112,15 +115,19 @@ def measure(shapes: dict[str, tuple[int, int]], rows: list[int], budget_bytes: f
 
     import torch
 
-    from rlsc.decoding import skinny_kernel
+    from rlsc.decoding import amx_kernel, amx_shape_ok, skinny_kernel
 
-    kernel = skinny_kernel()
+    kernel, amx = skinny_kernel(), amx_kernel()
     if kernel is None:
         raise SystemExit("the decode kernel is not available here (see the log line above)")
     results = []
     for name, (outer, inner) in shapes.items():
         nbytes = outer * inner * 4
         weights = [torch.randn(outer, inner) for _ in range(max(1, round(pool_bytes / nbytes)))]
+        tiles = amx is not None and amx_shape_ok(outer, inner)
+        # as many bf16 copies as fill the same pool: they stream from memory too
+        halves = [torch.randn(outer, inner).bfloat16() for _ in range(max(1, round(2 * pool_bytes / nbytes)))] \
+            if tiles else []
         repeats = max(5, min(200, int(budget_bytes / nbytes)))
         for m in rows:
             x, out = torch.randn(m, inner), torch.empty(m, outer)
@@ -132,11 +139,14 @@ def measure(shapes: dict[str, tuple[int, int]], rows: list[int], budget_bytes: f
                      "kernel": lambda: kernel(x, next(pool), None, out)}  # noqa: B023
             if other is not None:
                 calls["other"] = lambda: other(x, next(pool), None, out)  # noqa: B023
+            if tiles:
+                half_pool = itertools.cycle(halves)
+                calls["amx"] = lambda: amx(x, next(half_pool), None, out)  # noqa: B023
             seconds = time_alternated(calls, repeats)
             row = {"layer": name, "shape": [outer, inner], "rows": m, "max_rel_error": error,
                    "speedup": seconds["torch"] / seconds["kernel"]}
             for label, s in seconds.items():
-                row[f"{label}_s"], row[f"{label}_GBps"] = s, nbytes / s / 1e9
+                row[f"{label}_s"], row[f"{label}_GBps"] = s, nbytes / (2 if label == "amx" else 1) / s / 1e9
             results.append(row)
     return results
 
@@ -149,11 +159,12 @@ def kernel_gflops(result: dict) -> float:
 def markdown(model: str, results: list[dict], threads: int, against: str | None = None,
              peak: float | None = None) -> str:
     other = [f"kernel@{against} GB/s", "kernel / kernel@" + against] if against else []
+    amx = ["AMX bf16 GB/s (bf16 bytes)", "AMX speedup over kernel"] if any("amx_s" in r for r in results) else []
     header = ["layer", "out × in", "rows", "torch GB/s", "kernel GB/s", "speedup", "kernel GFLOP/s",
-              *other, "max rel. error"]
-    from rlsc.decoding import AVX512_FLAGS, kernel_flags
+              *other, *amx, "max rel. error"]
+    from rlsc.decoding import kernel_flags
 
-    isa = "AVX-512" if kernel_flags() == AVX512_FLAGS else "AVX2"
+    isa = "AVX-512" if "-mavx512f" in kernel_flags() else "AVX2"
     peak_line = (f"fp32 FMA peak at {threads} threads (`bench/fma_peak.c`: {isa} FMA chains, no memory "
                  f"traffic): **{peak:.0f} GFLOP/s**; the kernel GFLOP/s column is 2 FLOPs per weight per row."
                  if peak else "FMA peak: not measured (no C compiler).")
@@ -166,6 +177,8 @@ def markdown(model: str, results: list[dict], threads: int, against: str | None 
                  f"{kernel_gflops(r):.0f}" + (f" ({kernel_gflops(r) / peak:.0%})" if peak else "")]
         if against:
             cells += [f"{r['other_GBps']:.1f}", f"{r['other_s'] / r['kernel_s']:.2f}×"]
+        if amx:
+            cells += [f"{r['amx_GBps']:.1f}", f"{r['kernel_s'] / r['amx_s']:.2f}×"] if "amx_s" in r else ["–", "–"]
         lines.append("| " + " | ".join([*cells, f"{r['max_rel_error']:.1e}"]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -19,7 +19,8 @@ HERE = Path(__file__).resolve().parent
 
 # operator name -> kind of work (first match wins); anything else is "other"
 KINDS = (
-    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "mkldnn", "rlsc::skinny_linear")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "mkldnn", "rlsc::skinny_linear",
+                "rlsc::amx_linear")),
     ("attention", ("scaled_dot_product", "flash_attention")),
     ("kv cache / concat", ("aten::cat", "aten::index", "aten::repeat_interleave")),
     ("vocabulary statistics", ("log_softmax", "aten::exp", "aten::cumsum", "aten::searchsorted",
@@ -70,7 +71,7 @@ def profile_step(args) -> dict:
 
     def sample():
         return generate_rollouts(model, tokenizer, [prompt], k=args.k, temperature=cfg.sampling.temperature,
-                                 max_new_tokens=args.max_new_tokens)
+                                 max_new_tokens=args.max_new_tokens, precision=cfg.sampling.precision)
 
     def update(rollouts):
         from rlsc.answers import extract_answer

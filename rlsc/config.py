@@ -102,6 +102,14 @@ class SamplingConfig(Section):
     questions_per_batch: int = Field(
         2, ge=1, description="Questions sampled together in one call (their k samples share one batch)."
     )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: training-time sampling multiplies bf16 copies of the weights (made as each "
+        "round's sampling starts) with inputs rounded to bf16; sums, norms, attention, softmax and the "
+        "recorded p_old stay fp32, so p_old is the probability under the policy that drew the sample. "
+        "On AMX CPUs the decode step's products run on a tile kernel at half the weight bytes "
+        "(bench/RESULTS.md); elsewhere torch's bf16 matmul (slow without bf16 hardware). Evaluation "
+        "always decodes in fp32."
+    )
 
 
 class TrainConfig(Section):

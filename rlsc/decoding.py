@@ -120,6 +120,7 @@ class ReservedCache(DynamicCache):
 KERNEL_SOURCE = Path(__file__).with_name("kernels") / "skinny_linear.c"
 AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 AVX512_FLAGS = (*AVX2_FLAGS, "-mavx512f")  # the same C on 16-float registers (see skinny_linear.c)
+AMX_FLAGS = (*AVX512_FLAGS, "-mavx512bf16", "-mamx-tile", "-mamx-bf16")  # + the bf16 tile kernel
 # `python -m bench.kernel` on Qwen's shapes, two threads (AVX2 EPYC): 1.7-3.7x torch's speed at 16 rows,
 # 1.2-2.6x at 64, 1.0-1.7x at 128; above 64 the gain is small and MKL's blocking is the safer bet.
 # Prefill (the prompt's tokens) and scoring have more rows and stay on MKL
@@ -127,8 +128,16 @@ MAX_KERNEL_ROWS = 64
 
 
 def kernel_flags() -> tuple[str, ...]:
-    """The compiler flags for this CPU: AVX-512 where torch finds it (avx512f/bw/vl/dq), else AVX2."""
-    return AVX512_FLAGS if torch.backends.cpu.get_cpu_capability() == "AVX512" else AVX2_FLAGS
+    """The compiler flags for this CPU: AVX-512 where torch finds it (avx512f/bw/vl/dq), with the
+    AMX bf16 kernel where it also finds AMX tiles and avx512_bf16, else AVX2."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return AVX2_FLAGS
+    return AMX_FLAGS if torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported() else AVX512_FLAGS
+
+
+def kernel_isa(flags: tuple[str, ...]) -> str:
+    """The instruction set a build's flags name, for reports."""
+    return {AMX_FLAGS: "AVX-512 + AMX", AVX512_FLAGS: "AVX-512"}.get(flags, "AVX2")
 
 
 def _compile_kernel(compiler: str, flags: tuple[str, ...], source: Path, target: Path) -> None:
@@ -143,8 +152,9 @@ def _compile_kernel(compiler: str, flags: tuple[str, ...], source: Path, target:
 
 
 @functools.cache
-def skinny_kernel() -> Callable | None:
-    """The compiled kernel as f(x2d, weight, bias, out), or None where it cannot run (the reason logged once)."""
+def kernel_library() -> ctypes.CDLL | None:
+    """The package's kernel source built for this CPU and loaded, or None where it cannot run (the
+    reason logged once)."""
     if os.environ.get("RLSC_DECODE_KERNEL", "1") == "0":
         return None
     if platform.machine().lower() not in ("x86_64", "amd64") or \
@@ -152,7 +162,42 @@ def skinny_kernel() -> Callable | None:
         log.info("decode kernel off: needs x86-64 with AVX2 (this CPU: %s %s)", platform.machine(),
                  torch.backends.cpu.get_cpu_capability())
         return None
-    return load_kernel(KERNEL_SOURCE)
+    return load_library(KERNEL_SOURCE)
+
+
+def skinny_kernel() -> Callable | None:
+    """The fp32 kernel as f(x2d, weight, bias, out), or None where it cannot run."""
+    library = kernel_library()
+    return None if library is None else fp32_entry(library)
+
+
+@functools.cache
+def amx_kernel() -> Callable | None:
+    """The bf16 AMX kernel as f(x2d, weight_bf16, bias, out), or None where the build has no AMX
+    or Linux does not grant this process the tile state."""
+    library = kernel_library()
+    if library is None or not hasattr(library, "rlsc_skinny_linear_amx"):
+        return None
+    if library.rlsc_amx_ready() != 1:
+        log.info("AMX kernel off: the kernel refused this process the AMX tile state (arch_prctl)")
+        return None
+    run = library.rlsc_skinny_linear_amx
+    run.restype = None
+    run.argtypes = [*_FP32_ARGTYPES, ctypes.c_void_p]
+
+    def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+        (rows, inner), outer = x.shape, weight.shape[0]
+        row_blocks = -(-rows // AMX_TILE_ROWS)
+        scratch = torch.empty((rows + row_blocks * AMX_TILE_ROWS) * inner, dtype=torch.bfloat16)  # x rounded, x packed
+        run(x.data_ptr(), x.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+            out.data_ptr(), rows, outer, inner, torch.get_num_threads(), scratch.data_ptr())
+
+    return amx_linear
+
+
+def amx_shape_ok(outer: int, inner: int) -> bool:
+    """Shapes the AMX kernel takes: whole 16-row weight tiles and whole 32-value k chunks."""
+    return outer % AMX_TILE_ROWS == 0 and inner % 32 == 0
 
 
 def c_compiler() -> str | None:
@@ -171,26 +216,30 @@ def build_library(source: Path, name: str, compiler: str, flags: tuple[str, ...]
     return ctypes.CDLL(str(target))
 
 
-def load_kernel(source: Path, flags: tuple[str, ...] | None = None) -> Callable | None:
-    """A kernel source built (once per source, compiler and flags) and loaded; None if that fails.
-
-    skinny_kernel() loads the package's own source for this CPU; bench.kernel also loads an older
-    revision's, or the AVX2 build on an AVX-512 CPU, to time them against each other."""
+def load_library(source: Path, flags: tuple[str, ...] | None = None) -> ctypes.CDLL | None:
+    """A kernel source built (once per source, compiler and flags) and loaded; None if that fails."""
     compiler = c_compiler()
     if compiler is None:
         log.warning("decode kernel off: no C compiler (cc/gcc) on PATH; sampling uses torch's matmul")
         return None
     try:
-        library = build_library(source, "skinny_linear", compiler, flags)
+        return build_library(source, "skinny_linear", compiler, flags)
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", None) or err
         log.warning("decode kernel off: building %s with %s failed (%s); sampling uses torch's matmul",
                     source.name, compiler, str(detail).strip()[-400:])
         return None
+
+
+_FP32_ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                  ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+AMX_TILE_ROWS = 16
+
+
+def fp32_entry(library: ctypes.CDLL) -> Callable:
     run = library.rlsc_skinny_linear
     run.restype = None
-    run.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    run.argtypes = _FP32_ARGTYPES
 
     def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
         (rows, inner), outer = x.shape, weight.shape[0]
@@ -198,6 +247,15 @@ def load_kernel(source: Path, flags: tuple[str, ...] | None = None) -> Callable 
             out.data_ptr(), rows, outer, inner, torch.get_num_threads())
 
     return skinny_linear
+
+
+def load_kernel(source: Path, flags: tuple[str, ...] | None = None) -> Callable | None:
+    """The fp32 kernel of a source (built once per source, compiler and flags), or None if that fails.
+
+    skinny_kernel() loads the package's own source for this CPU; bench.kernel also loads an older
+    revision's, or the AVX2 build on an AVX-512 CPU, to time them against each other."""
+    library = load_library(source, flags)
+    return None if library is None else fp32_entry(library)
 
 
 def _kernel_ready(linear: torch.nn.Module) -> bool:
@@ -227,16 +285,55 @@ def _kernel_forward(linear: torch.nn.Linear, kernel: Callable) -> Callable:
     return forward
 
 
-@contextlib.contextmanager
-def decode_kernel(model) -> Iterator[None]:
-    """Within the block, the model's plain fp32 CPU Linear layers run few-row inputs on the skinny
-    kernel; everything else (and everything, where the kernel is unavailable) is left alone."""
+def _bf16_forward(linear: torch.nn.Linear, weight_bf16: torch.Tensor, amx: Callable | None) -> Callable:
+    """sampling.precision = bf16: every no-grad product of the layer reads its bf16 copy; few rows of a
+    tile-shaped layer go to the AMX kernel (fp32 sums out), the rest to torch's bf16 matmul (oneDNN,
+    which rounds its output to bf16)."""
+    plain = torch.nn.Linear.forward
+    on_tiles = amx is not None and amx_shape_ok(*weight_bf16.shape)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype != torch.float32 or x.device.type != "cpu"
+                or (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))):
+            return plain(linear, x)
+        rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+        if on_tiles and 0 < rows <= MAX_KERNEL_ROWS:
+            flat = x.reshape(rows, x.shape[-1])
+            if flat.stride(-1) != 1:
+                flat = flat.contiguous()
+            out = torch.empty(rows, linear.out_features, dtype=torch.float32)
+            with torch.profiler.record_function("rlsc::amx_linear"):
+                amx(flat, weight_bf16, linear.bias, out)
+            return out.view(*x.shape[:-1], linear.out_features)
+        out = torch.nn.functional.linear(x.to(torch.bfloat16), weight_bf16).float()
+        return out if linear.bias is None else out + linear.bias
+
+    return forward
+
+
+def _layer_forwards(model, precision: str) -> dict[torch.nn.Linear, Callable]:
+    layers = [m for m in model.modules() if _kernel_ready(m)]
+    if precision == "bf16":
+        amx, copies = amx_kernel(), {}
+        # one bf16 copy per weight, made as sampling starts (the weights change every step) and
+        # dropped when it ends; tied weights share theirs
+        return {layer: _bf16_forward(layer, copies.setdefault(
+                    layer.weight.data_ptr(), layer.weight.detach().to(torch.bfloat16)), amx)
+                for layer in layers}
     kernel = skinny_kernel()
-    layers = [m for m in model.modules() if _kernel_ready(m)] if kernel is not None else []
-    for layer in layers:
-        layer.forward = _kernel_forward(layer, kernel)  # an instance attribute shadows the class's forward
+    return {layer: _kernel_forward(layer, kernel) for layer in layers} if kernel is not None else {}
+
+
+@contextlib.contextmanager
+def decode_kernel(model, precision: str = "fp32") -> Iterator[None]:
+    """Within the block, the model's plain fp32 CPU Linear layers run few-row inputs on the skinny
+    kernel (precision fp32; everything else, and everything where the kernel is unavailable, is left
+    alone), or every no-grad product on bf16 copies of the weights (precision bf16)."""
+    forwards = _layer_forwards(model, precision)
+    for layer, forward in forwards.items():
+        layer.forward = forward  # an instance attribute shadows the class's forward
     try:
         yield
     finally:
-        for layer in layers:
+        for layer in forwards:
             del layer.forward

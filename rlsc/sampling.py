@@ -198,8 +198,10 @@ def generate_rollouts(
     temperature: float,
     max_new_tokens: int,
     greedy: bool = False,
+    precision: str = "fp32",
 ) -> Rollouts:
-    """Sample k completions per prompt at `temperature` (or one greedy completion, recorded at T=1)."""
+    """Sample k completions per prompt at `temperature` (or one greedy completion, recorded at T=1),
+    the linear layers' products in `precision` (SamplingConfig.precision)."""
     if greedy and k != 1:
         raise ValueError("greedy decoding gives one completion per prompt: use k=1")
     temperature = 1.0 if greedy else temperature
@@ -211,7 +213,7 @@ def generate_rollouts(
     model.eval()
     start = time.perf_counter()
 
-    with decode_kernel(model):
+    with decode_kernel(model, precision):
         recorder = decode(model, prompt_tokens, pad_id, eos, k=k, temperature=temperature,
                           max_new_tokens=max_new_tokens, greedy=greedy)
     seconds = time.perf_counter() - start

@@ -34,6 +34,7 @@ from rlsc import confidence as conf
 from rlsc.allocator import retain_freed_memory
 from rlsc.answers import canonical_answer, extract_answer, last_boxed
 from rlsc.config import Config, TrainConfig
+from rlsc.decoding import decode_kernel
 from rlsc.errors import RlscError
 from rlsc.guard import Firing, GuardState, collapse_signals, decisive, evaluate_rules, reference_drift
 from rlsc.objectives import entropy_loss, kl_penalty, policy_gradient_loss, sample_coefficients
@@ -185,15 +186,17 @@ class MetricsLog:
 
 
 def sample_questions(model, tokenizer, prompts: list[str], cfg: Config) -> Rollouts:
-    """k samples for each prompt, in generate calls of `questions_per_batch` prompts."""
+    """k samples for each prompt, in generate calls of `questions_per_batch` prompts (one set of
+    decode-time weights for all: with bf16 sampling, one cast of the weights per round)."""
     s = cfg.sampling
-    parts = [
-        generate_rollouts(
-            model, tokenizer, prompts[i : i + s.questions_per_batch],
-            k=s.k, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
-        )
-        for i in range(0, len(prompts), s.questions_per_batch)
-    ]
+    with decode_kernel(model, s.precision):
+        parts = [
+            generate_rollouts(
+                model, tokenizer, prompts[i : i + s.questions_per_batch],
+                k=s.k, temperature=s.temperature, max_new_tokens=s.max_new_tokens, precision=s.precision,
+            )
+            for i in range(0, len(prompts), s.questions_per_batch)
+        ]
     return parts[0] if len(parts) == 1 else concat_rollouts(parts, tokenizer.pad_token_id)
 
 

@@ -95,3 +95,17 @@ def skinny_kernel():
         pytest.skip("the decode kernel needs x86-64 with AVX2 and a C compiler")
     assert kernel is not None, "the decode kernel should build here (cc, x86-64, AVX2)"
     return kernel
+
+
+@pytest.fixture()
+def amx_kernel(skinny_kernel):
+    """The bf16 AMX kernel where the CPU has AMX tiles and avx512_bf16: there it must build and run."""
+    import torch
+
+    from rlsc.decoding import amx_kernel as build
+
+    if not (torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported()):
+        pytest.skip("the AMX kernel needs a CPU with AMX tiles and avx512_bf16 (this one has none)")
+    kernel = build()
+    assert kernel is not None, "the AMX kernel should build and be granted the tile state here"
+    return kernel

@@ -125,3 +125,123 @@ void rlsc_skinny_linear(const float *x, int64_t ldx, const float *w, const float
                 for (int64_t j = n0; j < n0 + nn; j++) y[i * N + j] += b[j];
     }
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+/* bf16 products on AMX tiles (sampling.precision = bf16, where the CPU has amx_bf16): the layer's
+ * weight is a bf16 copy [N, K], read at half the bytes, and x is rounded to bf16 once per call.
+ * One TDPBF16PS multiplies a 16 x 32 bf16 tile of weights by a 32 x 16 tile of x into 16 x 16
+ * fp32 sums (8192 products, against 32 for an fp32 FMA), so the arithmetic no longer competes
+ * with the weight stream: 2.0-2.8x the fp32 kernel's time on Qwen's and SmolLM2's large layers at
+ * 16 rows, 23-26 GB/s of bf16 weights (bench/RESULTS.md). The weight is the tile's A side as it
+ * lies in memory (16 weight rows, 32 consecutive k each: C^T = W x^T), x is packed once per call
+ * into the B side's pair layout, and each C^T tile (16 outputs x 16 rows of x) is transposed on
+ * the way out. Needs K % 32 == 0 and N % 16 == 0 (every layer of the embedded models); rlsc/decoding.py
+ * sends other shapes to torch's bf16 matmul. Sums are fp32; they differ from an fp32 product by the
+ * rounding of x and w to bf16 (~3e-3 relative), not by the summation. */
+#include <sys/syscall.h>
+#include <unistd.h>
+#define TILE 16                 /* rows of a tile; its 64-byte rows hold 32 bf16 or 16 fp32 */
+#define AMX_NT 2                /* C tiles per task (tiles_task) */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+/* x [M, K] (row stride ldx) -> xb [M, K] bf16, contiguous, rounded to nearest even as torch's cast
+ * (K % 32 == 0 here) */
+static void round_rows_to_bf16(const float *x, int64_t ldx, uint16_t *xb, int64_t M, int64_t K) {
+    for (int64_t i = 0; i < M; i++) {
+        const float *xr = x + i * ldx;
+        uint16_t *out = xb + i * K;
+        for (int64_t k = 0; k < K; k += 16)
+            _mm256_storeu_si256((__m256i *)(out + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xr + k)));
+    }
+}
+
+struct tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+/* Linux hands a process the AMX state only on request; 1 when granted (once per process) */
+int rlsc_amx_ready(void) { return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0; }
+
+static void configure_tiles(void) {
+    struct tile_config cfg = {0};
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) { cfg.rows[t] = TILE; cfg.colsb[t] = 64; }
+    _tile_loadconfig(&cfg);
+}
+
+/* xb [M, K] bf16 -> xp [mblocks][K / 32][16 pairs][16 rows][2]: B tiles, rows past M zero */
+static void pack_rows_for_tiles(const uint16_t *xb, int64_t M, int64_t K, uint16_t *xp) {
+    int64_t chunks = K / 32, mblocks = (M + TILE - 1) / TILE;
+    for (int64_t mb = 0; mb < mblocks; mb++)
+        for (int64_t c = 0; c < chunks; c++)
+            for (int64_t r = 0; r < TILE; r++)
+                for (int64_t m = 0; m < TILE; m++) {
+                    int64_t row = mb * TILE + m;
+                    uint16_t *dst = xp + (((mb * chunks + c) * TILE + r) * TILE + m) * 2;
+                    dst[0] = row < M ? xb[row * K + c * 32 + 2 * r] : 0;
+                    dst[1] = row < M ? xb[row * K + c * 32 + 2 * r + 1] : 0;
+                }
+}
+
+/* a C^T tile (16 outputs from n0 x 16 rows of x from m0) -> y rows m0.. below M, plus the bias:
+ * column m of the tile is row m of the output, gathered 16 floats at a time */
+static void store_transposed(const float *ct, const float *b, float *y, int64_t ldy, int64_t M, int64_t m0,
+                             int64_t n0) {
+    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(TILE));
+    const __m512 bias = b ? _mm512_loadu_ps(b + n0) : _mm512_setzero_ps();
+    for (int64_t m = 0; m < TILE && m0 + m < M; m++)
+        _mm512_storeu_ps(y + (m0 + m) * ldy + n0, _mm512_add_ps(_mm512_i32gather_ps(column, ct + m, 4), bias));
+}
+
+/* 32 weight rows from n0 (nt = 1 or 2 tiles of 16) against one 16-row block of packed x. Two C tiles
+ * streamed 23-26 GB/s on Qwen's large layers at 16 rows; four (64 rows, 64 concurrent streams)
+ * and software prefetch 2-8 chunks ahead were no better, mostly worse (ad hoc, this stop). */
+static void tiles_task(const uint16_t *w, const float *b, const uint16_t *xp_block, int64_t K, int64_t n0, int nt,
+                       float *y, int64_t ldy, int64_t M, int64_t m0, float *scratch) {
+    _tile_zero(0);
+    _tile_zero(1);
+    const int64_t stride = K * 2, chunks = K / 32;
+    const char *a = (const char *)(w + n0 * K);
+    for (int64_t c = 0; c < chunks; c++) {
+        _tile_loadd(4, xp_block + c * TILE * TILE * 2, 64);
+        _tile_loadd(5, a + c * 64, stride);
+        _tile_dpbf16ps(0, 5, 4);
+        if (nt > 1) {
+            _tile_loadd(6, a + c * 64 + TILE * stride, stride);
+            _tile_dpbf16ps(1, 6, 4);
+        }
+    }
+    _tile_stored(0, scratch, 64);
+    store_transposed(scratch, b, y, ldy, M, m0, n0);
+    if (nt > 1) {
+        _tile_stored(1, scratch, 64);
+        store_transposed(scratch, b, y, ldy, M, m0, n0 + TILE);
+    }
+}
+
+/* as rlsc_skinny_linear with w [N, K] bf16; scratch: M * K bf16 (x rounded) + mblocks * 16 * K bf16 (packed) */
+void rlsc_skinny_linear_amx(const float *x, int64_t ldx, const uint16_t *w, const float *b, float *y,
+                            int64_t M, int64_t N, int64_t K, int threads, uint16_t *scratch) {
+    uint16_t *xb = scratch, *xp = scratch + M * K;
+    round_rows_to_bf16(x, ldx, xb, M, K);
+    pack_rows_for_tiles(xb, M, K, xp);
+    int64_t mblocks = (M + TILE - 1) / TILE, tasks = (N + AMX_NT * TILE - 1) / (AMX_NT * TILE);
+#pragma omp parallel num_threads(threads)
+    {
+        float ct[TILE * TILE];
+        configure_tiles();
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; t++) {
+            int64_t n0 = t * AMX_NT * TILE;
+            int nt = (int)((N - n0) / TILE < AMX_NT ? (N - n0) / TILE : AMX_NT);
+            for (int64_t mb = 0; mb < mblocks; mb++)
+                tiles_task(w, b, xp + mb * (K / 32) * TILE * TILE * 2, K, n0, nt, y, N, M, mb * TILE, ct);
+        }
+        _tile_release();
+    }
+}
+#endif

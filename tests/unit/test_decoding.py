@@ -1,4 +1,5 @@
-"""The in-place KV cache holds exactly what transformers' DynamicCache holds, through every operation."""
+"""The decoding loop's speedups: the in-place KV cache holds exactly what transformers' DynamicCache
+holds; the fp32 and bf16 (AMX) kernels compute what an independent float64 product computes."""
 
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ def test_sampling_with_the_decode_kernel_draws_the_same_tokens(tiny_policy, monk
         return sampling.generate_rollouts(model, tok, prompts, k=4, temperature=1.0, max_new_tokens=10)
 
     fast = sample()
-    monkeypatch.setattr(sampling, "decode_kernel", lambda model: contextlib.nullcontext())
+    monkeypatch.setattr(sampling, "decode_kernel", lambda model, precision: contextlib.nullcontext())
     plain = sample()
     assert torch.equal(fast.completion_ids, plain.completion_ids)
     assert torch.allclose(fast.token_logprobs, plain.token_logprobs, atol=1e-5)
@@ -129,7 +130,7 @@ def test_a_failing_compiler_turns_the_kernel_off_with_a_warning(tmp_path, monkey
 
     monkeypatch.setenv("RLSC_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")
-    decoding.skinny_kernel.cache_clear()
+    decoding.kernel_library.cache_clear()
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("the kernel is off on this CPU before any compiler runs")
     try:
@@ -138,15 +139,97 @@ def test_a_failing_compiler_turns_the_kernel_off_with_a_warning(tmp_path, monkey
         assert "decode kernel off" in caplog.text and "false" in caplog.text
         assert list(tmp_path.rglob("*.so*")) == []
     finally:
-        decoding.skinny_kernel.cache_clear()
+        decoding.kernel_library.cache_clear()
 
 
 def test_the_kernel_can_be_switched_off(monkeypatch):
     from rlsc import decoding
 
     monkeypatch.setenv("RLSC_DECODE_KERNEL", "0")
-    decoding.skinny_kernel.cache_clear()
+    decoding.kernel_library.cache_clear()
     try:
         assert decoding.skinny_kernel() is None
     finally:
-        decoding.skinny_kernel.cache_clear()
+        decoding.kernel_library.cache_clear()
+
+
+def _bf16_product(x, weight, bias):
+    """The bf16 kernel's contract, computed independently: x and w rounded to bf16, summed in float64."""
+    out = x.bfloat16().double() @ weight.bfloat16().double().T
+    return out + (bias.double() if bias is not None else 0)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 15, 16, 17, 37, 64])
+@pytest.mark.parametrize("outer,inner", [(16, 32), (32, 64), (48, 96), (80, 32), (160, 896)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_amx_kernel_equals_a_float64_product_of_bf16_values(rows, outer, inner, with_bias, amx_kernel):
+    """Row counts short of, at and past a 16-row tile; one or two 16-row weight tiles per task and
+    an odd number of tiles; x a strided slice."""
+    g = torch.Generator().manual_seed(rows * 1000 + outer * 10 + inner)
+    wide = torch.randn(rows, inner + 5, generator=g)
+    x = wide[:, 2:2 + inner]
+    weight, bias = torch.randn(outer, inner, generator=g), torch.randn(outer, generator=g) if with_bias else None
+    out = torch.full((rows, outer), float("nan"))
+    amx_kernel(x, weight.bfloat16(), bias, out)
+    expected = _bf16_product(x, weight, bias)
+    assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5 * inner ** 0.5)
+
+
+def test_bf16_decoding_reads_bf16_weights_on_every_path_and_is_restored():
+    """Few rows of a tile-shaped layer (the AMX kernel where there is one), many rows, and a shape
+    the tiles do not take all give the bf16 product, not the fp32 one; grad-enabled calls run fp32;
+    afterwards the layers and their fp32 weights are as before."""
+    from rlsc.decoding import MAX_KERNEL_ROWS, decode_kernel
+
+    torch.manual_seed(0)
+    tiled, odd = torch.nn.Linear(64, 32), torch.nn.Linear(32, 24, bias=False)  # odd: 24 is no whole tile
+    model = torch.nn.Sequential(tiled, odd)
+    before = [p.detach().clone() for p in model.parameters()]
+    cases = {"few rows": (tiled, torch.randn(5, 64)), "many rows": (tiled, torch.randn(MAX_KERNEL_ROWS + 3, 64)),
+             "odd shape": (odd, torch.randn(5, 32))}
+    with torch.no_grad(), decode_kernel(model, "bf16"):
+        outputs = {name: layer(x) for name, (layer, x) in cases.items()}
+    for name, (layer, x) in cases.items():
+        out, fp32 = outputs[name].double(), x.double() @ layer.weight.double().T
+        expected = _bf16_product(x, layer.weight, layer.bias)
+        assert outputs[name].dtype == torch.float32, name
+        # torch's bf16 matmul rounds its output to bf16 (the AMX kernel does not): 2^-8 relative
+        assert torch.allclose(out, expected, rtol=2 ** -8, atol=2 ** -8), name
+        assert (out - (fp32 + (layer.bias.double() if layer.bias is not None else 0))).abs().max() > 1e-4, name
+    with decode_kernel(model, "bf16"):  # autograd on: torch's fp32 path, so gradients flow
+        x = cases["few rows"][1]
+        assert torch.equal(tiled(x), torch.nn.functional.linear(x, tiled.weight, tiled.bias))
+    assert not any("forward" in vars(m) for m in model)
+    assert all(torch.equal(a, b) and b.dtype == torch.float32 for a, b in zip(before, model.parameters()))
+
+
+def test_a_nested_decode_context_leaves_the_outer_one_in_place(monkeypatch):
+    """The trainer wraps a round's generate calls in one context (one bf16 cast per round); each
+    call's own context then finds the layers taken and changes nothing."""
+    from rlsc.decoding import decode_kernel
+
+    layer = torch.nn.Linear(32, 16)
+    with decode_kernel(layer, "bf16"):
+        outer = vars(layer)["forward"]
+        with decode_kernel(layer, "bf16"):
+            assert vars(layer)["forward"] is outer
+        assert vars(layer)["forward"] is outer
+    assert "forward" not in vars(layer)
+
+
+def test_bf16_sampling_records_the_bf16_policys_logprobs(tiny_policy):
+    """p_old is the probability under the policy that drew the sample: the recorded log-probs are
+    close to (not equal to) the fp32 model's, and the samples are valid token sequences."""
+    from rlsc.sampling import generate_rollouts
+    from rlsc.scoring import completion_token_logprobs
+
+    model, tok = tiny_policy
+    torch.manual_seed(4)
+    r = generate_rollouts(model, tok, ["[user]what is 2+3?<eos>[assistant]"], k=4, temperature=1.0,
+                          max_new_tokens=10, precision="bf16")
+    with torch.no_grad():
+        fp32, _ = completion_token_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids,
+                                            r.completion_mask, temperature=1.0)
+    mask = r.completion_mask.bool()
+    gap = (r.token_logprobs - fp32)[mask].abs()
+    assert gap.max() < 0.1 and gap.max() > 0
