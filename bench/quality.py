@@ -48,6 +48,11 @@ ARMS = {
                     "train.micro_batch=4"],
     # the paper's objective with the update in bf16 mixed precision: does accuracy hold?
     "rlsc-l2-bf16": ["train.objective=rlsc", "train.alpha=0.1", "train.weighting=sequence", "train.mixed_precision=bf16"],
+    # ... with the training-time sampling on bf16 weights (the AMX decode kernel), the update fp32; then both bf16
+    "rlsc-l2-bf16-sampling": ["train.objective=rlsc", "train.alpha=0.1", "train.weighting=sequence",
+                              "sampling.precision=bf16"],
+    "rlsc-l2-all-bf16": ["train.objective=rlsc", "train.alpha=0.1", "train.weighting=sequence",
+                         "sampling.precision=bf16", "train.mixed_precision=bf16"],
 }
 
 

@@ -1,4 +1,4 @@
-"""Two speedups of the decoding loop on CPU, each measured with bench/profile.py.
+"""Speedups of the decoding loop on CPU, each measured with bench/profile.py or bench/kernel.py.
 
 A KV cache that grows in place instead of by concatenation: transformers' DynamicCache appends
 each decode step's keys and values with `torch.cat`, which copies the whole cache of every layer on every token: for 16 rows that is most of a step's memory
@@ -17,6 +17,12 @@ It is compiled with the system C compiler on first use into the model cache; whe
 run (not x86-64 with AVX2, no compiler, RLSC_DECODE_KERNEL=0) the layers run as before; where the
 CPU has AVX-512 it is built for 16-float registers. Outputs agree with nn.Linear to float rounding
 (a different summation order), not bit for bit.
+
+bf16 decoding (sampling.precision = bf16, off by default): within the block every no-grad product
+reads a bf16 copy of its weight, made as the block opens. On CPUs with AMX tiles the few-row
+products run on the same source's tile kernel, which streams half the bytes and no longer waits
+on arithmetic (2.0-2.8x the fp32 kernel at 16 rows on the large layers of the embedded models,
+bench/RESULTS.md); elsewhere, and for more rows, torch's bf16 matmul runs them.
 """
 
 from __future__ import annotations
