@@ -21,7 +21,7 @@ CPU has AVX-512 it is built for 16-float registers. Outputs agree with nn.Linear
 bf16 decoding (sampling.precision = bf16, off by default): within the block every no-grad product
 reads a bf16 copy of its weight, made as the block opens. On CPUs with AMX tiles the few-row
 products run on the same source's tile kernel, which streams half the bytes and no longer waits
-on arithmetic (2.0-2.8x the fp32 kernel at 16 rows on the large layers of the embedded models,
+on arithmetic (1.8-2.5x the fp32 kernel's speed at 16 rows on Qwen's large layers,
 bench/RESULTS.md); elsewhere, and for more rows, torch's bf16 matmul runs them.
 """
 
@@ -139,11 +139,6 @@ def kernel_flags() -> tuple[str, ...]:
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return AVX2_FLAGS
     return AMX_FLAGS if torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported() else AVX512_FLAGS
-
-
-def kernel_isa(flags: tuple[str, ...]) -> str:
-    """The instruction set a build's flags name, for reports."""
-    return {AMX_FLAGS: "AVX-512 + AMX", AVX512_FLAGS: "AVX-512"}.get(flags, "AVX2")
 
 
 def _compile_kernel(compiler: str, flags: tuple[str, ...], source: Path, target: Path) -> None:
@@ -320,12 +315,13 @@ def _bf16_forward(linear: torch.nn.Linear, weight_bf16: torch.Tensor, amx: Calla
 def _layer_forwards(model, precision: str) -> dict[torch.nn.Linear, Callable]:
     layers = [m for m in model.modules() if _kernel_ready(m)]
     if precision == "bf16":
-        amx, copies = amx_kernel(), {}
         # one bf16 copy per weight, made as sampling starts (the weights change every step) and
-        # dropped when it ends; tied weights share theirs
-        return {layer: _bf16_forward(layer, copies.setdefault(
-                    layer.weight.data_ptr(), layer.weight.detach().to(torch.bfloat16)), amx)
-                for layer in layers}
+        # dropped when it ends; layers that share a weight share its copy
+        amx, copies = amx_kernel(), {}
+        for layer in layers:
+            if layer.weight.data_ptr() not in copies:
+                copies[layer.weight.data_ptr()] = layer.weight.detach().to(torch.bfloat16)
+        return {layer: _bf16_forward(layer, copies[layer.weight.data_ptr()], amx) for layer in layers}
     kernel = skinny_kernel()
     return {layer: _kernel_forward(layer, kernel) for layer in layers} if kernel is not None else {}
 

@@ -131,8 +131,8 @@ void rlsc_skinny_linear(const float *x, int64_t ldx, const float *w, const float
  * weight is a bf16 copy [N, K], read at half the bytes, and x is rounded to bf16 once per call.
  * One TDPBF16PS multiplies a 16 x 32 bf16 tile of weights by a 32 x 16 tile of x into 16 x 16
  * fp32 sums (8192 products, against 32 for an fp32 FMA), so the arithmetic no longer competes
- * with the weight stream: 2.0-2.8x the fp32 kernel's time on Qwen's and SmolLM2's large layers at
- * 16 rows, 23-26 GB/s of bf16 weights (bench/RESULTS.md). The weight is the tile's A side as it
+ * with the weight stream: 1.8-2.5x the fp32 kernel's speed on Qwen's large layers at 16 rows,
+ * 17-24 GB/s of bf16 weights (`python -m bench.kernel`, bench/RESULTS.md). The weight is the tile's A side as it
  * lies in memory (16 weight rows, 32 consecutive k each: C^T = W x^T), x is packed once per call
  * into the B side's pair layout, and each C^T tile (16 outputs x 16 rows of x) is transposed on
  * the way out. Needs K % 32 == 0 and N % 16 == 0 (every layer of the embedded models); rlsc/decoding.py
@@ -199,7 +199,7 @@ static void store_transposed(const float *ct, const float *b, float *y, int64_t 
 
 /* 32 weight rows from n0 (nt = 1 or 2 tiles of 16) against one 16-row block of packed x. Two C tiles
  * streamed 23-26 GB/s on Qwen's large layers at 16 rows; four (64 rows, 64 concurrent streams)
- * and software prefetch 2-8 chunks ahead were no better, mostly worse (ad hoc, this stop). */
+ * and software prefetch 2-8 chunks ahead were no better, mostly worse (ad hoc, stop 15). */
 static void tiles_task(const uint16_t *w, const float *b, const uint16_t *xp_block, int64_t K, int64_t n0, int nt,
                        float *y, int64_t ldy, int64_t M, int64_t m0, float *scratch) {
     _tile_zero(0);
