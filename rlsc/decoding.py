@@ -267,21 +267,35 @@ def _kernel_ready(linear: torch.nn.Module) -> bool:
             and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())))
 
 
+def _torch_only(linear: torch.nn.Linear, x: torch.Tensor) -> bool:
+    """Inputs the kernels leave to torch: not fp32 on CPU, or anything autograd sees (no backward)."""
+    return (x.dtype != torch.float32 or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad)))
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+
+
+def _on_kernel(kernel: Callable, name: str, linear: torch.nn.Linear, weight: torch.Tensor,
+               x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] through a few-row kernel f(x2d, weight, bias, out) into a new fp32 [..., out]."""
+    flat = x.reshape(_rows(x), x.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    out = torch.empty(flat.shape[0], linear.out_features, dtype=torch.float32)
+    with torch.profiler.record_function(name):  # else profiles cannot see it
+        kernel(flat, weight, linear.bias, out)
+    return out.view(*x.shape[:-1], linear.out_features)
+
+
 def _kernel_forward(linear: torch.nn.Linear, kernel: Callable) -> Callable:
     plain = torch.nn.Linear.forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
-        if (not 0 < rows <= MAX_KERNEL_ROWS or x.dtype != torch.float32 or x.device.type != "cpu"
-                or (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))):
-            return plain(linear, x)  # the kernel has no backward: anything autograd sees stays on torch
-        flat = x.reshape(rows, x.shape[-1])
-        if flat.stride(-1) != 1:
-            flat = flat.contiguous()
-        out = torch.empty(rows, linear.out_features, dtype=torch.float32)
-        with torch.profiler.record_function("rlsc::skinny_linear"):  # else profiles cannot see it
-            kernel(flat, linear.weight, linear.bias, out)
-        return out.view(*x.shape[:-1], linear.out_features)
+        if _torch_only(linear, x) or not 0 < _rows(x) <= MAX_KERNEL_ROWS:
+            return plain(linear, x)
+        return _on_kernel(kernel, "rlsc::skinny_linear", linear, linear.weight, x)
 
     return forward
 
@@ -294,18 +308,10 @@ def _bf16_forward(linear: torch.nn.Linear, weight_bf16: torch.Tensor, amx: Calla
     on_tiles = amx is not None and amx_shape_ok(*weight_bf16.shape)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype != torch.float32 or x.device.type != "cpu"
-                or (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))):
+        if _torch_only(linear, x):
             return plain(linear, x)
-        rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
-        if on_tiles and 0 < rows <= MAX_KERNEL_ROWS:
-            flat = x.reshape(rows, x.shape[-1])
-            if flat.stride(-1) != 1:
-                flat = flat.contiguous()
-            out = torch.empty(rows, linear.out_features, dtype=torch.float32)
-            with torch.profiler.record_function("rlsc::amx_linear"):
-                amx(flat, weight_bf16, linear.bias, out)
-            return out.view(*x.shape[:-1], linear.out_features)
+        if on_tiles and 0 < _rows(x) <= MAX_KERNEL_ROWS:
+            return _on_kernel(amx, "rlsc::amx_linear", linear, weight_bf16, x)
         out = torch.nn.functional.linear(x.to(torch.bfloat16), weight_bf16).float()
         return out if linear.bias is None else out + linear.bias
 
