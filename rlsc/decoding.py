@@ -22,11 +22,13 @@ bf16 decoding (sampling.precision = bf16, off by default): within the block ever
 reads a bf16 copy of its weight, made as the block opens. On CPUs with AMX tiles the few-row
 products run on the same source's tile kernel, which streams half the bytes and no longer waits
 on arithmetic (1.8-2.5x the fp32 kernel's speed at 16 rows on Qwen's large layers,
-bench/RESULTS.md); elsewhere, and for more rows, torch's bf16 matmul runs them.
+bench/RESULTS.md); elsewhere, and for more rows, torch's bf16 matmul runs them. Sibling layers
+(q/k/v, gate/up) share one concatenated copy and one product per input (FusedSiblings).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import functools
@@ -277,16 +279,16 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // max(x.shape[-1], 1) if x.dim() else 0
 
 
-def _on_kernel(kernel: Callable, name: str, linear: torch.nn.Linear, weight: torch.Tensor,
+def _on_kernel(kernel: Callable, name: str, weight: torch.Tensor, bias: torch.Tensor | None,
                x: torch.Tensor) -> torch.Tensor:
     """x [..., in] through a few-row kernel f(x2d, weight, bias, out) into a new fp32 [..., out]."""
     flat = x.reshape(_rows(x), x.shape[-1])
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    out = torch.empty(flat.shape[0], linear.out_features, dtype=torch.float32)
+    out = torch.empty(flat.shape[0], weight.shape[0], dtype=torch.float32)
     with torch.profiler.record_function(name):  # else profiles cannot see it
-        kernel(flat, weight, linear.bias, out)
-    return out.view(*x.shape[:-1], linear.out_features)
+        kernel(flat, weight, bias, out)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def _kernel_forward(linear: torch.nn.Linear, kernel: Callable) -> Callable:
@@ -295,39 +297,119 @@ def _kernel_forward(linear: torch.nn.Linear, kernel: Callable) -> Callable:
     def forward(x: torch.Tensor) -> torch.Tensor:
         if _torch_only(linear, x) or not 0 < _rows(x) <= MAX_KERNEL_ROWS:
             return plain(linear, x)
-        return _on_kernel(kernel, "rlsc::skinny_linear", linear, linear.weight, x)
+        return _on_kernel(kernel, "rlsc::skinny_linear", linear.weight, linear.bias, x)
 
     return forward
 
 
+def _bf16_product(x: torch.Tensor, weight_bf16: torch.Tensor, bias: torch.Tensor | None,
+                  amx: Callable | None) -> torch.Tensor:
+    """x @ weight^T + bias in fp32 from a bf16 weight: few rows of a tile-shaped weight on the AMX
+    kernel (fp32 sums), the rest on torch's bf16 matmul (oneDNN, which rounds its output to bf16)."""
+    if amx is not None and amx_shape_ok(*weight_bf16.shape) and 0 < _rows(x) <= MAX_KERNEL_ROWS:
+        return _on_kernel(amx, "rlsc::amx_linear", weight_bf16, bias, x)
+    out = torch.nn.functional.linear(x.to(torch.bfloat16), weight_bf16).float()
+    return out if bias is None else out + bias
+
+
 def _bf16_forward(linear: torch.nn.Linear, weight_bf16: torch.Tensor, amx: Callable | None) -> Callable:
-    """sampling.precision = bf16: every no-grad product of the layer reads its bf16 copy; few rows of a
-    tile-shaped layer go to the AMX kernel (fp32 sums out), the rest to torch's bf16 matmul (oneDNN,
-    which rounds its output to bf16)."""
+    """sampling.precision = bf16: every no-grad product of the layer reads its bf16 copy."""
     plain = torch.nn.Linear.forward
-    on_tiles = amx is not None and amx_shape_ok(*weight_bf16.shape)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if _torch_only(linear, x):
             return plain(linear, x)
-        if on_tiles and 0 < _rows(x) <= MAX_KERNEL_ROWS:
-            return _on_kernel(amx, "rlsc::amx_linear", linear, weight_bf16, x)
-        out = torch.nn.functional.linear(x.to(torch.bfloat16), weight_bf16).float()
-        return out if linear.bias is None else out + linear.bias
+        return _bf16_product(x, weight_bf16, linear.bias, amx)
 
     return forward
+
+
+# Linear layers a module applies to one input, named in the order its forward calls them
+# (transformers' attention and gated MLP blocks: Llama, Qwen2, Mistral, ...)
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def sibling_groups(model, layers: list[torch.nn.Linear]) -> list[list[torch.nn.Linear]]:
+    """Groups of layers (from `layers`) that one module applies to the same input, each member's
+    weight its own (a shared weight stays with its single-layer copy)."""
+    owners = collections.Counter(layer.weight.data_ptr() for layer in layers)
+    eligible = {layer for layer in layers if owners[layer.weight.data_ptr()] == 1}
+    groups = []
+    for module in model.modules():
+        for names in SIBLINGS:
+            members = [getattr(module, name, None) for name in names]
+            if all(m in eligible for m in members) and len({m.in_features for m in members}) == 1 \
+                    and len({m.bias is None for m in members}) == 1:
+                groups.append(members)
+    return groups
+
+
+class FusedSiblings:
+    """Sibling layers' bf16 weights concatenated into one, so one product serves them all.
+
+    The first member's call computes every member's output of its input x; the later members,
+    called with that same tensor x, take their slice (no product of their own). A member called
+    any other way (another input, out of order) runs its own product on its rows of the
+    concatenated copy, so the result never depends on the call order, only the speed. For
+    SmolLM2 this turns 7 products per decoder layer into 4 (211 kernel calls per decode step
+    into 121), and each call pays ~35 us of packing and thread start besides its weight stream.
+    """
+
+    def __init__(self, members: list[torch.nn.Linear], amx: Callable | None):
+        self.members = members
+        bounds = [0]
+        for m in members:
+            bounds.append(bounds[-1] + m.out_features)
+        self.slices = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+        self.weight = torch.empty(bounds[-1], members[0].in_features, dtype=torch.bfloat16)
+        for m, rows in zip(members, self.slices):
+            self.weight[rows].copy_(m.weight.detach())
+        self.bias = None if members[0].bias is None else torch.cat([m.bias.detach() for m in members])
+        self.amx = amx
+        self._input: torch.Tensor | None = None  # the input whose outputs wait in _outputs
+        self._outputs: dict[int, torch.Tensor] = {}
+
+    def forward_of(self, index: int) -> Callable:
+        linear, rows, plain = self.members[index], self.slices[index], torch.nn.Linear.forward
+        own_bias = None if self.bias is None else self.bias[rows]
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if _torch_only(linear, x):
+                return plain(linear, x)
+            if x is self._input and index in self._outputs:
+                out = self._outputs.pop(index)
+                if not self._outputs:
+                    self._input = None  # all taken: hold no reference to this step's tensors
+                return out
+            if index == 0:
+                fused = _bf16_product(x, self.weight, self.bias, self.amx)
+                self._input = x  # held, so `is` cannot match a new tensor at a reused address
+                self._outputs = {i: fused[..., r] for i, r in enumerate(self.slices) if i}
+                return fused[..., rows]
+            return _bf16_product(x, self.weight[rows], own_bias, self.amx)
+
+        return forward
+
+
+def _bf16_forwards(model, layers: list[torch.nn.Linear]) -> dict[torch.nn.Linear, Callable]:
+    # one bf16 copy per weight, made as sampling starts (the weights change every step) and
+    # dropped when it ends; siblings share one concatenated copy, layers that share a weight its copy
+    amx, forwards, copies = amx_kernel(), {}, {}
+    for members in sibling_groups(model, layers):
+        fused = FusedSiblings(members, amx)
+        forwards.update({m: fused.forward_of(i) for i, m in enumerate(members)})
+    for layer in layers:
+        if layer not in forwards:
+            if layer.weight.data_ptr() not in copies:
+                copies[layer.weight.data_ptr()] = layer.weight.detach().to(torch.bfloat16)
+            forwards[layer] = _bf16_forward(layer, copies[layer.weight.data_ptr()], amx)
+    return forwards
 
 
 def _layer_forwards(model, precision: str) -> dict[torch.nn.Linear, Callable]:
     layers = [m for m in model.modules() if _kernel_ready(m)]
     if precision == "bf16":
-        # one bf16 copy per weight, made as sampling starts (the weights change every step) and
-        # dropped when it ends; layers that share a weight share its copy
-        amx, copies = amx_kernel(), {}
-        for layer in layers:
-            if layer.weight.data_ptr() not in copies:
-                copies[layer.weight.data_ptr()] = layer.weight.detach().to(torch.bfloat16)
-        return {layer: _bf16_forward(layer, copies[layer.weight.data_ptr()], amx) for layer in layers}
+        return _bf16_forwards(model, layers)
     kernel = skinny_kernel()
     return {layer: _kernel_forward(layer, kernel) for layer in layers} if kernel is not None else {}
 

@@ -233,3 +233,53 @@ def test_bf16_sampling_records_the_bf16_policys_logprobs(tiny_policy):
     mask = r.completion_mask.bool()
     gap = (r.token_logprobs - fp32)[mask].abs()
     assert gap.max() < 0.1 and gap.max() > 0
+
+
+class _Block(torch.nn.Module):
+    """The sibling layout of transformers' attention and gated MLP: q/k/v (biased, as in Qwen2) and gate/up."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = torch.nn.Linear(64, 32), torch.nn.Linear(64, 16), torch.nn.Linear(64, 16)
+        self.gate_proj, self.up_proj = torch.nn.Linear(64, 48, bias=False), torch.nn.Linear(64, 48, bias=False)
+
+
+def test_sibling_layers_share_one_bf16_product_whatever_the_call_order(monkeypatch):
+    """q/k/v called in order on one input cost one product (gate/up likewise) and each gets its own
+    bf16 product; out of order or on another input each member still gets its own."""
+    from rlsc import decoding
+
+    torch.manual_seed(0)
+    block, calls = _Block(), []
+    product = decoding._bf16_product
+    monkeypatch.setattr(decoding, "_bf16_product", lambda x, w, b, amx: calls.append(w.shape) or product(x, w, b, amx))
+    names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    x, other = torch.randn(5, 64), torch.randn(5, 64)
+    with torch.no_grad(), decoding.decode_kernel(block, "bf16"):
+        in_order = {name: getattr(block, name)(x) for name in names}
+        assert calls == [(64, 64), (96, 64)]  # one product per sibling group
+        out_of_order = {"v_proj": block.v_proj(other), "k_proj": block.k_proj(x), "q_proj": block.q_proj(other)}
+    for outputs, inputs in ((in_order, {n: x for n in names}), (out_of_order, {"v_proj": other, "k_proj": x, "q_proj": other})):
+        for name, out in outputs.items():
+            layer = getattr(block, name)
+            expected = _bf16_product(inputs[name], layer.weight, layer.bias)
+            assert out.shape == expected.shape and torch.allclose(out.double(), expected, rtol=2 ** -8, atol=2 ** -8), name
+    assert not any("forward" in vars(m) for m in block.modules())
+
+
+def test_fusing_siblings_leaves_a_real_models_logits_as_they_were(tiny_policy, monkeypatch):
+    """On a transformers Llama the fused products give the logits the per-layer bf16 products give."""
+    from rlsc import decoding
+
+    model, _ = tiny_policy
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(decoding.sibling_groups(model, layers)) == 2 * model.config.num_hidden_layers
+    ids = torch.randint(0, model.config.vocab_size, (4, 7))
+
+    def logits():
+        with torch.no_grad(), decoding.decode_kernel(model, "bf16"):
+            return model(input_ids=ids).logits
+
+    fused = logits()
+    monkeypatch.setattr(decoding, "SIBLINGS", ())
+    assert torch.allclose(fused, logits(), rtol=1e-5, atol=1e-5)
