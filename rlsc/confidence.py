@@ -14,9 +14,9 @@ from collections import Counter
 import torch
 
 
-def token_entropy(logp: torch.Tensor) -> torch.Tensor:
-    """H(p) = -sum_v p(v) log p(v), over the last dimension."""
-    return -(logp.exp() * logp).sum(-1)
+def token_entropy(logp: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """H(p) = -sum_v p(v) log p(v), over the last dimension (probs = exp(logp) where the caller has it)."""
+    return -((logp.exp() if probs is None else probs) * logp).sum(-1)
 
 
 def max_prob(logp: torch.Tensor) -> torch.Tensor:

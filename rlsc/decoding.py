@@ -33,6 +33,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -360,7 +361,7 @@ class FusedSiblings:
         bounds = [0]
         for m in members:
             bounds.append(bounds[-1] + m.out_features)
-        self.slices = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+        self.slices = [slice(a, b) for a, b in itertools.pairwise(bounds)]
         self.weight = torch.empty(bounds[-1], members[0].in_features, dtype=torch.bfloat16)
         for m, rows in zip(members, self.slices):
             self.weight[rows].copy_(m.weight.detach())

@@ -9,7 +9,10 @@ the work that dominates on CPU is avoidable there:
   logits / T with no top-k, top-p or penalty, so the recorded log-probs are exactly log p_old:
   no second forward pass is needed for the RLSC weights (the few-row linear layers run on the
   decode kernel here, so they match the scorer's to float rounding: rlsc/decoding.py);
-- the KV cache grows in place rather than by concatenation (rlsc/decoding.py).
+- the KV cache grows in place rather than by concatenation (rlsc/decoding.py);
+- for Llama-family models (Llama, Qwen2) the decode step is written out (rlsc/decode_step.py):
+  none of transformers' per-layer plumbing, and one copy of a shared prompt's keys and values for
+  all k rows instead of one per row.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from rlsc import confidence as conf
+from rlsc import decode_step
 from rlsc.decoding import ReservedCache, decode_kernel
 
 
@@ -121,11 +125,11 @@ def prefill(model, prompt_tokens: list[list[int]], pad_id: int, device, reserve:
     return logits, cache, mask
 
 
-def sample_from(logp: torch.Tensor) -> torch.Tensor:
-    """One token per row drawn from exp(logp), by inverse CDF: one uniform per row, a float64
-    cumulative sum and a binary search (exact, and ~10x cheaper than torch.multinomial over a
-    151,936-token vocabulary on CPU)."""
-    cdf = logp.exp().double().cumsum(-1)
+def sample_from(logp: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row drawn from exp(logp) (`probs`, where the caller has it), by inverse CDF:
+    one uniform per row, a float64 cumulative sum and a binary search (exact, and ~10x cheaper than
+    torch.multinomial over a 151,936-token vocabulary on CPU)."""
+    cdf = (logp.exp() if probs is None else probs).double().cumsum(-1)
     u = torch.rand(logp.shape[0], 1, dtype=torch.float64, device=logp.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=logp.shape[-1] - 1)
 
@@ -140,24 +144,44 @@ class StepRecorder:
                        ("token_logprobs", "token_entropy", "token_max_prob", "token_self_certainty")}
         self.agreement = torch.full((n_prompts, width), float("nan"))
 
-    def record(self, t: int, rows: torch.Tensor, logp: torch.Tensor, chosen: torch.Tensor) -> None:
+    def record(self, t: int, rows: torch.Tensor, logp: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> None:
+        """Row statistics of step t from the log-probabilities `logp` and probs = exp(logp) (one
+        vocabulary-wide exp a step serves the sampler, the entropy and the agreement)."""
         rows_cpu = rows.cpu()
         self.tokens[rows_cpu, t] = chosen.cpu()
         values = {
             "token_logprobs": logp.gather(-1, chosen[:, None]).squeeze(-1),
-            "token_entropy": conf.token_entropy(logp),
+            "token_entropy": conf.token_entropy(logp, probs),
             "token_max_prob": conf.max_prob(logp),
             "token_self_certainty": conf.self_certainty(logp),
         }
         for name, v in values.items():
             self.tables[name][rows_cpu, t] = v.float().cpu()
         groups = rows // self.k
-        probs = torch.zeros(self.agreement.shape[0], logp.shape[-1], device=logp.device)
-        probs.index_add_(0, groups, logp.exp())
-        counts = torch.bincount(groups, minlength=self.agreement.shape[0]).to(probs.dtype)
+        summed = torch.zeros(self.agreement.shape[0], logp.shape[-1], device=logp.device)
+        summed.index_add_(0, groups, probs)
+        counts = torch.bincount(groups, minlength=self.agreement.shape[0]).to(summed.dtype)
         present = counts > 0
-        pbar = probs[present] / counts[present, None]
+        pbar = summed[present] / counts[present, None]
         self.agreement[present.cpu(), t] = (pbar * pbar).sum(-1).cpu()
+
+
+class ForwardStep:
+    """Decode state over the model's own forward and cache (any architecture): the same interface
+    as rlsc.decode_step.DecodeStep, which writes the step out for Llama-family models."""
+
+    def __init__(self, model, cache: ReservedCache, prompt_mask: torch.Tensor, k: int):
+        if k > 1:
+            cache.batch_repeat_interleave(k)
+        self.model, self.cache, self.mask = model, cache, prompt_mask.repeat_interleave(k, dim=0)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.mask = self.mask[rows]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        return forward_with_cache(self.model, tokens[:, None], self.mask, self.cache)
 
 
 def decode(model, prompt_tokens: list[list[int]], pad_id: int, eos: torch.Tensor, *, k: int, temperature: float,
@@ -165,26 +189,27 @@ def decode(model, prompt_tokens: list[list[int]], pad_id: int, eos: torch.Tensor
     """The decoding loop: prefill once, expand to k rows per prompt, draw a token per row per step
     and record its statistics; a row that drew EOS leaves the batch."""
     device = eos.device
-    logits, cache, mask = prefill(model, prompt_tokens, pad_id, device, reserve=max_new_tokens)
-    if k > 1:
-        cache.batch_repeat_interleave(k)
-        logits, mask = logits.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
+    written_out = decode_step.supports(model)
+    logits, cache, mask = prefill(model, prompt_tokens, pad_id, device, reserve=0 if written_out else max_new_tokens)
+    state = (decode_step.DecodeStep(model, cache, mask, k, reserve=max_new_tokens) if written_out
+             else ForwardStep(model, cache, mask, k))
+    logits = logits.repeat_interleave(k, dim=0)
     n = len(prompt_tokens) * k
     recorder = StepRecorder(n, len(prompt_tokens), k, max_new_tokens, pad_id)
     active = torch.arange(n, device=device)  # original row index of each row still decoding
     for t in range(max_new_tokens):
         logp = torch.log_softmax(logits / temperature, dim=-1)
-        chosen = logp.argmax(-1) if greedy else sample_from(logp)
-        recorder.record(t, active, logp, chosen)
+        probs = logp.exp()
+        chosen = logp.argmax(-1) if greedy else sample_from(logp, probs)
+        recorder.record(t, active, logp, probs, chosen)
         running = ~torch.isin(chosen, eos)
         if t == max_new_tokens - 1 or not running.any():
             break
         if not running.all():  # finished rows leave the batch and its cache
             keep = running.nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
-            active, chosen, mask = active[keep], chosen[keep], mask[keep]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = forward_with_cache(model, chosen[:, None], mask, cache)
+            state.keep(keep)
+            active, chosen = active[keep], chosen[keep]
+        logits = state.step(chosen)
     return recorder
 
 

@@ -1,0 +1,91 @@
+"""The written-out decode step (rlsc/decode_step.py) against the model's own forward: the same
+next-token logits, step after step, for shared and per-row prompts, with rows leaving."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlsc import decode_step
+from rlsc.sampling import ForwardStep, generate_rollouts, prefill
+from tests.conftest import build_tiny_model, build_tiny_tokenizer
+
+PROMPTS = ["[user]What is 3 + 4?<eos>[assistant]", "[user]Name a colour.<eos>[assistant]Red is",
+           "[user]Hi<eos>[assistant]"]
+
+
+def _states(model, tok, prompts, k, reserve):
+    tokens = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    logits_a, cache_a, mask_a = prefill(model, tokens, tok.pad_token_id, torch.device("cpu"))
+    logits_b, cache_b, mask_b = prefill(model, tokens, tok.pad_token_id, torch.device("cpu"))
+    assert torch.equal(logits_a, logits_b)
+    written = decode_step.DecodeStep(model, cache_a, mask_a, k, reserve=reserve)
+    own = ForwardStep(model, cache_b, mask_b, k)
+    return written, own, len(prompts) * k
+
+
+@pytest.mark.parametrize("family,tied", [("llama", True), ("llama", False), ("qwen2", False)])
+@pytest.mark.parametrize("prompts,k", [(PROMPTS[:1], 5), (PROMPTS, 2), (PROMPTS, 1)],
+                         ids=["one-prompt-shared", "three-prompts-per-row", "greedy-batch"])
+@torch.no_grad()
+def test_written_out_step_gives_the_models_own_logits(family, tied, prompts, k):
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(len(tok), family=family, tie_word_embeddings=tied, layers=3)
+    assert decode_step.supports(model)
+    written, own, rows = _states(model, tok, prompts, k, reserve=8)
+    assert written.shared == (len(prompts) == 1)
+    gen = torch.Generator().manual_seed(0)
+    active = torch.arange(rows)
+    for t in range(8):
+        tokens = torch.randint(3, len(tok), (len(active),), generator=gen)
+        expected, got = own.step(tokens), written.step(tokens)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        if t in (2, 5) and len(active) > 1:  # some rows finish: keep every other one
+            keep = torch.arange(0, len(active), 2)
+            own.keep(keep)
+            written.keep(keep)
+            active = active[keep]
+
+
+@torch.no_grad()
+def test_the_shared_prompt_is_held_once_and_rows_write_their_own_positions():
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(len(tok))
+    written, _, rows = _states(model, tok, PROMPTS[:1], k=4, reserve=3)
+    prompt_len = len(tok(PROMPTS[0], add_special_tokens=False)["input_ids"])
+    assert written.prompt_keys.shape[1] == 1 and written.prompt_keys.shape[3] == prompt_len
+    assert written.keys.shape[1] == rows and written.keys.shape[3] == 3
+    written.step(torch.tensor([5, 6, 7, 8]))
+    assert written.positions.tolist() == [prompt_len + 1] * rows
+    written.step(torch.tensor([5, 6, 7, 8]))
+    written.step(torch.tensor([5, 6, 7, 8]))
+    with pytest.raises(RuntimeError, match="beyond the 3 reserved positions"):
+        written.step(torch.tensor([5, 6, 7, 8]))
+
+
+def test_other_architectures_and_the_switch_use_the_models_forward(monkeypatch):
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(len(tok))
+    monkeypatch.setenv("RLSC_FAST_DECODE", "0")
+    assert not decode_step.supports(model)
+    monkeypatch.delenv("RLSC_FAST_DECODE")
+    model.config.hidden_act = "gelu"
+    assert not decode_step.supports(model)
+    model.config.hidden_act = "silu"
+    model.config.model_type = "gemma"
+    assert not decode_step.supports(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_rollouts_are_the_same_either_way(monkeypatch, family):
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(len(tok), family=family, seed=3)
+
+    def rollouts():
+        return generate_rollouts(model, tok, PROMPTS, k=1, temperature=1.0, max_new_tokens=12, greedy=True)
+
+    written = rollouts()
+    monkeypatch.setenv("RLSC_FAST_DECODE", "0")
+    own = rollouts()
+    assert torch.equal(written.completion_ids, own.completion_ids)
+    torch.testing.assert_close(written.token_logprobs, own.token_logprobs, rtol=1e-5, atol=1e-5)
