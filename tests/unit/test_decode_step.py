@@ -89,3 +89,26 @@ def test_greedy_rollouts_are_the_same_either_way(monkeypatch, family):
     own = rollouts()
     assert torch.equal(written.completion_ids, own.completion_ids)
     torch.testing.assert_close(written.token_logprobs, own.token_logprobs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@torch.no_grad()
+def test_a_lora_wrapped_model_decodes_through_its_adapters(precision):
+    """The step calls the model's own projection modules, so a peft adapter (non-zero here) and
+    the decode kernels' layer forwards apply as in the model's forward."""
+    from rlsc.config import ModelConfig
+    from rlsc.decoding import decode_kernel
+    from rlsc.models import attach_lora
+
+    tok = build_tiny_tokenizer()
+    model = attach_lora(build_tiny_model(len(tok), family="qwen2"), ModelConfig(lora={"enabled": True, "r": 4, "alpha": 8}))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.normal_(0, 0.5)
+    model.eval()
+    assert decode_step.supports(model)
+    with decode_kernel(model, precision):
+        written, own, rows = _states(model, tok, PROMPTS[:1], k=3, reserve=4)
+        for _ in range(4):
+            tokens = torch.randint(3, len(tok), (rows,))
+            torch.testing.assert_close(written.step(tokens), own.step(tokens), rtol=1e-5, atol=1e-5)
