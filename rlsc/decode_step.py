@@ -1,16 +1,18 @@
 """The sampling loop's decode step for Llama-family decoders (Llama, Qwen2), written out.
 
 Why: with 16 rows a decode step of a small model is mostly not its weights. SmolLM2-135M's bf16
-step took 44.6 ms where streaming its 270 MB of bf16 weights takes ~13 (stop 17's measurement,
-bench/RESULTS.md): the rest was transformers' per-layer Python (mask building, kwargs plumbing,
-decorators, module hooks) and attention that read the shared prompt's keys and values once per
-row. This step keeps the model's own modules for everything that holds weights (embedding,
+step took 44.6 ms through transformers' forward where reading its 270 MB of bf16 weights takes
+~11: the rest was the kernels' per-call cost, eager per-op cost, transformers' per-layer Python
+(mask building, kwargs plumbing, decorators, module hooks) and attention that read the shared
+prompt's keys and values once per row. Written out, the step took 40.6-42.9 ms in the same runs
+(bench/RESULTS.md, stop 17); Qwen2.5-0.5B's, bound by its 2 GB of weights, did not change. This step keeps the model's own modules for everything that holds weights (embedding,
 projections, norms' weights, LM head; so LoRA adapters and rlsc/decoding.py's kernels apply
 unchanged) and the model's own rotary module, and writes out only the glue between them:
 
-- RMSNorm as one `rms_norm` call, rotary embedding as x*cos + rotate_half(x)*sin;
+- RMSNorm as one `rms_norm` call, rotary embedding in three ops, the scores' scaling folded
+  into the query's rotation;
 - keys and values of the completion in one buffer for all layers, [L, rows, kv heads, C, D],
-  written in place, so a row that finishes leaves every layer with one index_select;
+  written in place; rows that finish leave with one copy of the filled positions;
 - attention in two parts merged under one softmax: the prompt part and the row's own completion.
   When every row samples the same prompt (one question, k samples: the benchmark workload and
   any single-question round), the prompt's keys and values are held once, not once per row, and
@@ -101,37 +103,25 @@ class DecodeStep:
         self.keys = self.prompt_keys.new_empty(layers, rows, kv_heads, reserve, dim)
         self.values = self.prompt_values.new_empty(layers, rows, kv_heads, reserve, dim)
         self.filled = 0
-        self.live = torch.arange(rows)  # the buffer rows whose samples are still being decoded
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Rows (indices among the live ones) that go on decoding. Finished rows stay in the buffers,
-        decoding ignored tokens, until no more than half of the buffer rows are live: then the live
-        rows' filled positions are copied into smaller buffers. Copying every layer's cache whenever
-        a row finished took 3.6 ms per SmolLM2 step (bf16 profile, stop 17); a dead row costs far
-        less, as a decode step's products stream the same weights whatever the row count."""
-        self.live = self.live[rows]
-        if len(self.live) <= self.keys.shape[1] // 2:
-            self._compact()
-
-    def _compact(self) -> None:
-        live, filled = self.live, self.filled
-        shape = (self.keys.shape[0], len(live), *self.keys.shape[2:])
+        """Only `rows` go on decoding: their filled positions move into smaller buffers (copying
+        the whole reserved buffers of every layer whenever a row finished, as the cache did, took
+        3.6 ms per SmolLM2 step in stop 17's profile)."""
+        shape = (self.keys.shape[0], len(rows), *self.keys.shape[2:])
         keys, values = self.keys.new_empty(shape), self.values.new_empty(shape)
-        keys[:, :, :, :filled] = self.keys[:, live, :, :filled]
-        values[:, :, :, :filled] = self.values[:, live, :, :filled]
+        keys[:, :, :, : self.filled] = self.keys[:, rows, :, : self.filled]
+        values[:, :, :, : self.filled] = self.values[:, rows, :, : self.filled]
         self.keys, self.values = keys, values
-        self.positions = self.positions[live]
+        self.positions = self.positions[rows]
         if not self.shared:
-            self.prompt_keys, self.prompt_values = self.prompt_keys[:, live], self.prompt_values[:, live]
-            self.prompt_bias = None if self.prompt_bias is None else self.prompt_bias[live]
-        self.live = torch.arange(len(live))
+            self.prompt_keys, self.prompt_values = self.prompt_keys[:, rows], self.prompt_values[:, rows]
+            self.prompt_bias = None if self.prompt_bias is None else self.prompt_bias[rows]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [live rows, V] (float32) of the position after `tokens` [live rows]."""
+        """Logits [rows, V] (float32) of the position after `tokens` [rows]."""
         if self.filled == self.keys.shape[3]:
             raise RuntimeError(f"decode step beyond the {self.filled} reserved positions")
-        if len(self.live) < self.keys.shape[1]:  # finished rows still in the buffers decode a pad
-            tokens = tokens.new_zeros(self.keys.shape[1]).index_copy_(0, self.live, tokens)
         h = self.embed(tokens)
         cos, sin = self.rotary(h, self.positions[None, :])
         key_rotation = rotary_factors(cos[0, :, None, :], sin[0, :, None, :])  # [rows, 1, D]: over heads
@@ -143,8 +133,6 @@ class DecodeStep:
             h = h + mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))  # hidden_act: silu
         self.filled += 1
         self.positions = self.positions + 1
-        if len(self.live) < h.shape[0]:
-            h = h[self.live]
         return self.head(rms_norm(h, self.final_norm)).float()
 
     def _attention(self, index: int, attn: torch.nn.Module, x: torch.Tensor, query_rotation, key_rotation):
