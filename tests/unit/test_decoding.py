@@ -105,6 +105,22 @@ def test_decode_kernel_matches_the_plain_model_and_is_restored(tiny_policy, monk
     assert len(calls) >= len(linears)  # the kernel really ran, once per layer at least
 
 
+def test_kernel_calls_are_named_in_a_profile_only_while_one_records(tiny_policy, skinny_kernel):
+    from torch.profiler import profile
+
+    from rlsc.decoding import decode_kernel
+
+    model, _ = tiny_policy
+    ids = torch.randint(0, model.config.vocab_size, (4, 1))
+    with torch.no_grad(), decode_kernel(model):
+        plain = model(ids).logits
+        with profile() as prof:
+            profiled = model(ids).logits
+    names = {event.name for event in prof.events()}
+    assert "rlsc::skinny_linear" in names
+    assert torch.equal(plain, profiled)
+
+
 def test_sampling_with_the_decode_kernel_draws_the_same_tokens(tiny_policy, monkeypatch, skinny_kernel):
     import contextlib
 
