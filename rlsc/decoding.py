@@ -192,7 +192,7 @@ def amx_kernel() -> Callable | None:
     def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
         (rows, inner), outer = x.shape, weight.shape[0]
         row_blocks = -(-rows // AMX_TILE_ROWS)
-        scratch = torch.empty((rows + row_blocks * AMX_TILE_ROWS) * inner, dtype=torch.bfloat16)  # x rounded, x packed
+        scratch = torch.empty(row_blocks * AMX_TILE_ROWS * inner, dtype=torch.bfloat16)  # x packed into tiles
         run(x.data_ptr(), x.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(),
             out.data_ptr(), rows, outer, inner, torch.get_num_threads(), scratch.data_ptr())
 

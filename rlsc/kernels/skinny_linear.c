@@ -145,17 +145,6 @@ void rlsc_skinny_linear(const float *x, int64_t ldx, const float *w, const float
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
-/* x [M, K] (row stride ldx) -> xb [M, K] bf16, contiguous, rounded to nearest even as torch's cast
- * (K % 32 == 0 here) */
-static void round_rows_to_bf16(const float *x, int64_t ldx, uint16_t *xb, int64_t M, int64_t K) {
-    for (int64_t i = 0; i < M; i++) {
-        const float *xr = x + i * ldx;
-        uint16_t *out = xb + i * K;
-        for (int64_t k = 0; k < K; k += 16)
-            _mm256_storeu_si256((__m256i *)(out + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xr + k)));
-    }
-}
-
 struct tile_config {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
@@ -172,18 +161,50 @@ static void configure_tiles(void) {
     _tile_loadconfig(&cfg);
 }
 
-/* xb [M, K] bf16 -> xp [mblocks][K / 32][16 pairs][16 rows][2]: B tiles, rows past M zero */
-static void pack_rows_for_tiles(const uint16_t *xb, int64_t M, int64_t K, uint16_t *xp) {
-    int64_t chunks = K / 32, mblocks = (M + TILE - 1) / TILE;
+/* r[m] = 16 uint32 of row m -> r[p] = element p of every row: a 16 x 16 transpose in registers
+ * (32-bit interleaves, then 64-bit, then 128-bit lanes across vectors) */
+static inline void transpose16x16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {  /* lane j of u[4i + k]: element 4j + k of rows 4i .. 4i + 3 */
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int k = 0; k < 4; k++) {  /* element 4j + k of all rows = lane j of u[k], u[4 + k], u[8 + k], u[12 + k] */
+        __m512i w0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x44), w1 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xEE);
+        __m512i w2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x44), w3 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xEE);
+        r[k] = _mm512_shuffle_i32x4(w0, w2, 0x88);
+        r[4 + k] = _mm512_shuffle_i32x4(w0, w2, 0xDD);
+        r[8 + k] = _mm512_shuffle_i32x4(w1, w3, 0x88);
+        r[12 + k] = _mm512_shuffle_i32x4(w1, w3, 0xDD);
+    }
+}
+
+/* x [M, K] fp32 (row stride ldx) -> xp [mblocks][K / 32][16 pairs][16 rows][2] bf16: B tiles, rounded
+ * to nearest even as torch's cast, rows past M zero. Per 32 k: each row's values become 16 bf16
+ * pairs in one conversion, and the 16 rows x 16 pairs are transposed in registers (was an
+ * element-by-element loop, 6-9 ns per k and ~40% of a SmolLM2 decode call's fixed cost; ad hoc,
+ * stop 17). */
+static void pack_rows_for_tiles(const float *x, int64_t ldx, int64_t M, int64_t K, uint16_t *xp) {
+    const int64_t chunks = K / 32, mblocks = (M + TILE - 1) / TILE;
     for (int64_t mb = 0; mb < mblocks; mb++)
-        for (int64_t c = 0; c < chunks; c++)
-            for (int64_t r = 0; r < TILE; r++)
-                for (int64_t m = 0; m < TILE; m++) {
-                    int64_t row = mb * TILE + m;
-                    uint16_t *dst = xp + (((mb * chunks + c) * TILE + r) * TILE + m) * 2;
-                    dst[0] = row < M ? xb[row * K + c * 32 + 2 * r] : 0;
-                    dst[1] = row < M ? xb[row * K + c * 32 + 2 * r + 1] : 0;
-                }
+        for (int64_t c = 0; c < chunks; c++) {
+            __m512i r[TILE];
+            for (int m = 0; m < TILE; m++) {
+                const float *xr = x + (mb * TILE + m) * ldx + c * 32;
+                r[m] = mb * TILE + m < M
+                    ? (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xr + 16), _mm512_loadu_ps(xr))
+                    : _mm512_setzero_si512();
+            }
+            transpose16x16(r);
+            uint32_t *dst = (uint32_t *)xp + (mb * chunks + c) * TILE * TILE;
+            for (int p = 0; p < TILE; p++) _mm512_storeu_si512(dst + p * TILE, r[p]);
+        }
 }
 
 /* a C^T tile (16 outputs from n0 x 16 rows of x from m0) -> y rows m0.. below M, plus the bias:
@@ -223,12 +244,11 @@ static void tiles_task(const uint16_t *w, const float *b, const uint16_t *xp_blo
     }
 }
 
-/* as rlsc_skinny_linear with w [N, K] bf16; scratch: M * K bf16 (x rounded) + mblocks * 16 * K bf16 (packed) */
+/* as rlsc_skinny_linear with w [N, K] bf16; scratch: mblocks * 16 * K bf16 (x packed) */
 void rlsc_skinny_linear_amx(const float *x, int64_t ldx, const uint16_t *w, const float *b, float *y,
                             int64_t M, int64_t N, int64_t K, int threads, uint16_t *scratch) {
-    uint16_t *xb = scratch, *xp = scratch + M * K;
-    round_rows_to_bf16(x, ldx, xb, M, K);
-    pack_rows_for_tiles(xb, M, K, xp);
+    uint16_t *xp = scratch;
+    pack_rows_for_tiles(x, ldx, M, K, xp);
     int64_t mblocks = (M + TILE - 1) / TILE, tasks = (N + AMX_NT * TILE - 1) / (AMX_NT * TILE);
 #pragma omp parallel num_threads(threads)
     {
