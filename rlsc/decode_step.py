@@ -1,11 +1,12 @@
 """The sampling loop's decode step for Llama-family decoders (Llama, Qwen2), written out.
 
 Why: with 16 rows a decode step of a small model is mostly not its weights. SmolLM2-135M's bf16
-step took 44.6 ms through transformers' forward where reading its 270 MB of bf16 weights takes
+step took 48-52 ms through transformers' forward where reading its 270 MB of bf16 weights takes
 ~11: the rest was the kernels' per-call cost, eager per-op cost, transformers' per-layer Python
 (mask building, kwargs plumbing, decorators, module hooks) and attention that read the shared
-prompt's keys and values once per row. Written out, the step took 40.6-42.9 ms in the same runs
-(bench/RESULTS.md, stop 17); Qwen2.5-0.5B's, bound by its 2 GB of weights, did not change. This step keeps the model's own modules for everything that holds weights (embedding,
+prompt's keys and values once per row. Written out, the step takes 8-15% less (42-45 ms in the
+same hour; bench/RESULTS.md, stop 17); Qwen2.5-0.5B's, bound by its 2 GB of weights, does not
+change. This step keeps the model's own modules for everything that holds weights (embedding,
 projections, norms' weights, LM head; so LoRA adapters and rlsc/decoding.py's kernels apply
 unchanged) and the model's own rotary module, and writes out only the glue between them:
 
