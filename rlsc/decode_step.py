@@ -48,9 +48,9 @@ def supports(model) -> bool:
     if os.environ.get("RLSC_FAST_DECODE", "1") == "0":
         return False
     base = unwrapped(model)
-    config = base.config
+    config = getattr(base, "config", None)  # None under a wrapper this module does not know
     decoder = getattr(base, "model", None)
-    return (config.model_type in SUPPORTED_MODEL_TYPES
+    return (config is not None and getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES
             and getattr(config, "hidden_act", None) == "silu"
             and not getattr(config, "use_sliding_window", False)
             and all(t == "full_attention" for t in (getattr(config, "layer_types", None) or []))

@@ -74,6 +74,7 @@ def test_other_architectures_and_the_switch_use_the_models_forward(monkeypatch):
     model.config.hidden_act = "silu"
     model.config.model_type = "gemma"
     assert not decode_step.supports(model)
+    assert not decode_step.supports(torch.nn.Sequential(model))  # a wrapper without a config
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
