@@ -96,7 +96,7 @@ class DecodeStep:
         self.prompt_values = torch.stack([layer.values for layer in cache.layers]).repeat_interleave(repeats, dim=1)
         mask = prompt_mask.repeat_interleave(repeats, dim=0).bool()
         # additive mask of the prompt's padding, [prompt rows, 1, 1, P]; None when there is none
-        self.prompt_bias = None if mask.all() else torch.zeros(mask.shape, dtype=self.prompt_keys.dtype) \
+        self.prompt_bias = None if mask.all() else self.prompt_keys.new_zeros(mask.shape) \
             .masked_fill(~mask, float("-inf"))[:, None, None, :]
         self.positions = prompt_mask.sum(-1).repeat_interleave(k)  # next position of each row
         layers, _, kv_heads, _, dim = self.prompt_keys.shape
