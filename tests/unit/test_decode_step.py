@@ -113,3 +113,17 @@ def test_a_lora_wrapped_model_decodes_through_its_adapters(precision):
         for _ in range(4):
             tokens = torch.randint(3, len(tok), (rows,))
             torch.testing.assert_close(written.step(tokens), own.step(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_in_three_ops_equals_transformers_rotate_half_formula():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    q, k = torch.randn(5, 4, 16), torch.randn(5, 2, 16)
+    angles = torch.rand(5, 8) * 10
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    # transformers' layout: [batch, heads, seq, D] with cos/sin [batch, seq, D]; here each row is a batch of one position
+    expected_q, expected_k = apply_rotary_pos_emb(q[:, :, None], k[:, :, None], cos[:, None], sin[:, None])
+    factors = decode_step.rotary_factors(cos[:, None], sin[:, None])
+    torch.testing.assert_close(decode_step.rotate(q, *factors), expected_q[:, :, 0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(decode_step.rotate(k, *factors), expected_k[:, :, 0], rtol=0, atol=1e-6)
