@@ -153,20 +153,17 @@ class DecodeStep:
         return attn.o_proj(out.reshape(rows, -1))
 
     def _prompt_scores(self, index: int, q: torch.Tensor) -> torch.Tensor:
-        keys = self.prompt_keys[index]  # [1 or rows, kv heads, P, D]
-        if self.shared:  # every row's queries of a kv head in one product: [kv heads, rows*groups, P]
-            rows, kv_heads, groups, dim = q.shape
-            flat = q.transpose(0, 1).reshape(kv_heads, rows * groups, dim)
-            scores = torch.matmul(flat, keys[0].transpose(-1, -2))
-            scores = scores.view(kv_heads, rows, groups, -1).transpose(0, 1)
-        else:
-            scores = torch.matmul(q, keys.transpose(-1, -2))
+        scores = self._with_prompt(q, self.prompt_keys[index].transpose(-1, -2))
         return scores if self.prompt_bias is None else scores + self.prompt_bias
 
     def _prompt_mix(self, index: int, probs: torch.Tensor) -> torch.Tensor:
-        values = self.prompt_values[index]
-        if self.shared:
-            rows, kv_heads, groups, length = probs.shape
-            flat = probs.transpose(0, 1).reshape(kv_heads, rows * groups, length)
-            return torch.matmul(flat, values[0]).view(kv_heads, rows, groups, -1).transpose(0, 1)
-        return torch.matmul(probs, values)
+        return self._with_prompt(probs, self.prompt_values[index])
+
+    def _with_prompt(self, a: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """a [rows, kv heads, groups, X] @ prompt [1 or rows, kv heads, X, Y] -> [rows, kv heads, groups, Y].
+        Shared prompt: every row's vectors of a kv head in one product, [kv heads, rows*groups, X]."""
+        if not self.shared:
+            return torch.matmul(a, prompt)
+        rows, kv_heads, groups, width = a.shape
+        flat = a.transpose(0, 1).reshape(kv_heads, rows * groups, width)
+        return torch.matmul(flat, prompt[0]).view(kv_heads, rows, groups, -1).transpose(0, 1)
