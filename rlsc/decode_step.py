@@ -20,6 +20,12 @@ unchanged) and the model's own rotary module, and writes out only the glue betwe
   all rows' queries of a kv head multiply them in one product; otherwise (several prompts) each
   row holds its prompt's copy, as transformers' cache would.
 
+Where rlsc/kernels/decode_glue.c builds (x86-64 with AVX2 and a C compiler, as the decode kernel)
+and the model is fp32 on CPU, that glue runs as three C calls per layer (RMSNorm with the residual
+add; rotary, the key/value write and attention; SiLU(gate) * up) instead of ~40 eager torch ops:
+SmolLM2's bf16 step 35 -> 28 ms, its fp32 step 62 -> 51 ms (ad hoc, stop 18; bench/RESULTS.md).
+Elsewhere (GPU, other dtypes, RLSC_DECODE_GLUE=0) the same glue runs as torch ops.
+
 Anything else (another architecture, sliding-window layers, an activation other than SiLU,
 RLSC_FAST_DECODE=0) decodes through the model's own forward. The step is tested against that
 forward's logits for Llama (tied and untied) and Qwen2, shared and per-row prompts, rows leaving
@@ -28,11 +34,13 @@ forward's logits for Llama (tied and untied) and Qwen2, shared and per-row promp
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 
 import torch
 
-from rlsc.decoding import ReservedCache
+from rlsc.decoding import ReservedCache, glue_library
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
@@ -74,12 +82,93 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, out: to
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin, out=out)
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _rows_of(t: torch.Tensor) -> torch.Tensor:
+    """t as 2-D rows whose elements are contiguous (a slice of a fused product keeps its row stride)."""
+    t = t.reshape(t.shape[0], -1)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class NativeGlue:
+    """rlsc/kernels/decode_glue.c's three calls on fp32 CPU tensors: RMSNorm with the residual
+    add, one layer's attention of the new position, SiLU(gate) * up."""
+
+    def __init__(self, library: ctypes.CDLL):
+        i64, p, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+        self._norm, self._silu_mul, self._attention = (
+            library.rlsc_add_rms_norm, library.rlsc_silu_mul, library.rlsc_decode_attention)
+        self._norm.argtypes = [p, p, p, f32, p, i64, i64]
+        self._silu_mul.argtypes = [p, i64, p, i64, p, i64, i64]
+        self._attention.argtypes = [p, i64, p, i64, p, i64, p, p, f32, p, p, p, i64, i64, i64, p, p, i64, i64,
+                                    i64, p, i64, i64, i64, i64, ctypes.c_int]
+        for f in (self._norm, self._silu_mul, self._attention):
+            f.restype = None
+
+    def add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, norm: torch.nn.Module):
+        """(h + delta, RMSNorm of it): h is updated in place."""
+        x = torch.empty_like(h)
+        delta = None if delta is None else delta.contiguous()
+        self._norm(h.data_ptr(), _ptr(delta), norm.weight.data_ptr(), norm.variance_epsilon, x.data_ptr(),
+                   h.shape[0], h.shape[1])
+        return h, x
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate, up = _rows_of(gate), _rows_of(up)
+        out = torch.empty(gate.shape, dtype=torch.float32)
+        self._silu_mul(gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), out.data_ptr(), *gate.shape)
+        return out
+
+    def attention(self, q, k, v, rotation, scale, prompt_keys, prompt_values, prompt_keep, keys, values, t):
+        """Attention output [rows, heads * D] of position t; writes the rotated k and v at t.
+        prompt_keys [1 or rows, kv heads, P' / 16, D, 16] and keys [rows, kv heads, capacity' / 16,
+        D, 16] in blocks of 16 columns (as_key_blocks); prompt_values [1 or rows, kv heads, P, D],
+        values [rows, kv heads, capacity, D]."""
+        q, k, v = _rows_of(q), _rows_of(k), _rows_of(v)
+        cos, signed_sin = rotation
+        rows, kv_heads, capacity, dim = values.shape
+        out = torch.empty(rows, q.shape[1], dtype=torch.float32)
+        self._attention(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                        cos.data_ptr(), signed_sin.data_ptr(), scale, prompt_keys.data_ptr(),
+                        prompt_values.data_ptr(), _ptr(prompt_keep), prompt_values.shape[0], prompt_values.shape[2],
+                        prompt_keys.shape[2] * 16, keys.data_ptr(), values.data_ptr(), keys.shape[2] * 16, capacity, t,
+                        out.data_ptr(), rows, q.shape[1] // dim,
+                        kv_heads, dim, torch.get_num_threads())
+        return out
+
+
+@functools.cache
+def native_glue() -> NativeGlue | None:
+    library = glue_library()
+    return None if library is None else NativeGlue(library)
+
+
+def padded_to_16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def as_key_blocks(keys: torch.Tensor) -> torch.Tensor:
+    """keys [..., P, D] in blocks of 16 columns [..., P' / 16, D, 16] (decode_glue.c's layout),
+    P' = P padded to a multiple of 16 with zeros."""
+    count, dim = keys.shape[-2:]
+    padded = keys.new_zeros(*keys.shape[:-2], padded_to_16(count), dim)
+    padded[..., :count, :] = keys
+    return padded.unflatten(-2, (-1, 16)).transpose(-1, -2).contiguous()
+
+
 class DecodeStep:
     """Decode state after the prompts' prefill: `step(tokens)` feeds one token per active row and
     returns the next-token logits; `keep(rows)` drops the rows that finished.
 
     cache, prompt_mask: the prefill's cache ([Q, kv heads, P, D] per layer) and its [Q, P] mask;
     k rows per prompt; room for `reserve` completion tokens.
+
+    Keys and values of all layers: prompt_keys/values [L, 1 or rows, kv heads, P, D], keys/values
+    [L, rows, kv heads, reserve, D]. Under the native glue the keys are held in blocks of 16
+    columns instead ([..., P' / 16, D, 16], P' padded to 16; as_key_blocks): 16 keys' scores are
+    then multiply-adds of whole vectors.
     """
 
     def __init__(self, model, cache: ReservedCache, prompt_mask: torch.Tensor, k: int, reserve: int):
@@ -101,46 +190,85 @@ class DecodeStep:
         self.positions = prompt_mask.sum(-1).repeat_interleave(k)  # next position of each row
         layers, _, kv_heads, _, dim = self.prompt_keys.shape
         rows = n_prompts * k
-        self.keys = self.prompt_keys.new_empty(layers, rows, kv_heads, reserve, dim)
         self.values = self.prompt_values.new_empty(layers, rows, kv_heads, reserve, dim)
         self.filled = 0
+        self.native = native_glue() if self._native_ready() else None
+        if self.native is None:
+            self.keys = self.prompt_keys.new_empty(layers, rows, kv_heads, reserve, dim)
+        else:  # keys in blocks of 16 columns, positions padded to whole blocks (decode_glue.c)
+            self.prompt_keys = as_key_blocks(self.prompt_keys)
+            self.keys = self.prompt_keys.new_zeros(layers, rows, kv_heads, padded_to_16(reserve) // 16, dim, 16)
+        # the prompt's padding for the native glue: 1 = attend, per prompt row; None when there is none
+        self.prompt_keep = None if self.prompt_bias is None else mask.to(torch.uint8).contiguous()
+
+    def _native_ready(self) -> bool:
+        """The C glue takes fp32 CPU tensors; anything else runs the torch glue."""
+        tensors = [self.prompt_keys, *(layer.input_layernorm.weight for layer in self.layers)]
+        return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Only `rows` go on decoding: their filled positions move into smaller buffers (copying
         the whole reserved buffers of every layer whenever a row finished, as the cache did, took
         3.6 ms per SmolLM2 step in stop 17's profile)."""
-        shape = (self.keys.shape[0], len(rows), *self.keys.shape[2:])
-        keys, values = self.keys.new_empty(shape), self.values.new_empty(shape)
-        keys[:, :, :, : self.filled] = self.keys[:, rows, :, : self.filled]
-        values[:, :, :, : self.filled] = self.values[:, rows, :, : self.filled]
-        self.keys, self.values = keys, values
+        def kept(buffer: torch.Tensor, filled: int) -> torch.Tensor:  # axis 3: positions (or key blocks)
+            smaller = buffer.new_empty(buffer.shape[0], len(rows), *buffer.shape[2:])
+            smaller.narrow(3, 0, filled).copy_(buffer[:, rows].narrow(3, 0, filled))
+            return smaller
+
+        self.keys = kept(self.keys, self.filled if self.native is None else padded_to_16(self.filled) // 16)
+        self.values = kept(self.values, self.filled)
         self.positions = self.positions[rows]
         if not self.shared:
             self.prompt_keys, self.prompt_values = self.prompt_keys[:, rows], self.prompt_values[:, rows]
             self.prompt_bias = None if self.prompt_bias is None else self.prompt_bias[rows]
+            self.prompt_keep = None if self.prompt_keep is None else self.prompt_keep[rows]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [rows, V] (float32) of the position after `tokens` [rows]."""
-        if self.filled == self.keys.shape[3]:
+        if self.filled == self.values.shape[3]:
             raise RuntimeError(f"decode step beyond the {self.filled} reserved positions")
         h = self.embed(tokens)
         cos, sin = self.rotary(h, self.positions[None, :])
-        key_rotation = rotary_factors(cos[0, :, None, :], sin[0, :, None, :])  # [rows, 1, D]: over heads
-        query_rotation = tuple(f * self.scaling for f in key_rotation)  # the scores' scaling, folded in
+        rotation = tuple(f.contiguous() for f in rotary_factors(cos[0], sin[0]))  # [rows, D] each
+        delta = None  # what the last block adds to the residual stream h
         for index, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.input_layernorm)
-            h = h + self._attention(index, layer.self_attn, x, query_rotation, key_rotation)
-            x, mlp = rms_norm(h, layer.post_attention_layernorm), layer.mlp
-            h = h + mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))  # hidden_act: silu
+            h, x = self._add_norm(h, delta, layer.input_layernorm)
+            attn, mlp = layer.self_attn, layer.mlp
+            out = self._attention(index, attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), rotation)
+            h, x = self._add_norm(h, attn.o_proj(out), layer.post_attention_layernorm)
+            delta = mlp.down_proj(self._silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))  # hidden_act: silu
+        h, x = self._add_norm(h, delta, self.final_norm)
         self.filled += 1
         self.positions = self.positions + 1
-        return self.head(rms_norm(h, self.final_norm)).float()
+        return self.head(x).float()
 
-    def _attention(self, index: int, attn: torch.nn.Module, x: torch.Tensor, query_rotation, key_rotation):
-        rows, t = x.shape[0], self.filled
-        q = rotate(attn.q_proj(x).view(rows, -1, self.head_dim), *query_rotation)  # q * scaling
-        rotate(attn.k_proj(x).view(rows, -1, self.head_dim), *key_rotation, out=self.keys[index, :, :, t])
-        self.values[index, :, :, t] = attn.v_proj(x).view(rows, -1, self.head_dim)
+    # the glue between the modules: C where native_glue() runs (fp32 on CPU), torch elsewhere
+
+    def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, norm: torch.nn.Module):
+        """(h + delta, RMSNorm of it)."""
+        if self.native is not None:
+            return self.native.add_norm(h, delta, norm)
+        h = h if delta is None else h + delta
+        return h, rms_norm(h, norm)
+
+    def _silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self.native.silu_mul(gate, up)
+        return torch.nn.functional.silu(gate) * up
+
+    def _attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotation) -> torch.Tensor:
+        """Attention output [rows, heads * D] of the new position, from the layer's projections; the
+        rotated key and the value are written at position `filled` of the layer's buffers."""
+        if self.native is not None:
+            return self.native.attention(q, k, v, rotation, self.scaling, self.prompt_keys[index],
+                                         self.prompt_values[index], self.prompt_keep, self.keys[index],
+                                         self.values[index], self.filled)
+        rows, t = q.shape[0], self.filled
+        key_rotation = tuple(f[:, None, :] for f in rotation)  # [rows, 1, D]: over heads
+        query_rotation = tuple(f * self.scaling for f in key_rotation)  # the scores' scaling, folded in
+        q = rotate(q.view(rows, -1, self.head_dim), *query_rotation)
+        rotate(k.view(rows, -1, self.head_dim), *key_rotation, out=self.keys[index, :, :, t])
+        self.values[index, :, :, t] = v.view(rows, -1, self.head_dim)
         kv_heads = self.keys.shape[2]
         q = q.view(rows, kv_heads, self.groups, self.head_dim)  # head h reads kv head h // groups
         own_keys, own_values = self.keys[index, :, :, : t + 1], self.values[index, :, :, : t + 1]
@@ -150,7 +278,7 @@ class DecodeStep:
         probs = probs.to(q.dtype)
         prompt_len = prompt_scores.shape[-1]
         out = self._prompt_mix(index, probs[..., :prompt_len]) + torch.matmul(probs[..., prompt_len:], own_values)
-        return attn.o_proj(out.reshape(rows, -1))
+        return out.reshape(rows, -1)
 
     def _prompt_scores(self, index: int, q: torch.Tensor) -> torch.Tensor:
         scores = self._with_prompt(q, self.prompt_keys[index].transpose(-1, -2))

@@ -127,6 +127,7 @@ class ReservedCache(DynamicCache):
 # ---------------------------------------------------------------- the skinny-matrix decode kernel
 
 KERNEL_SOURCE = Path(__file__).with_name("kernels") / "skinny_linear.c"
+GLUE_SOURCE = KERNEL_SOURCE.with_name("decode_glue.c")
 AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 AVX512_FLAGS = (*AVX2_FLAGS, "-mavx512f")  # the same C on 16-float registers (see skinny_linear.c)
 AMX_FLAGS = (*AVX512_FLAGS, "-mavx512bf16", "-mamx-tile", "-mamx-bf16")  # + the bf16 tile kernel
@@ -148,7 +149,8 @@ def _compile_kernel(compiler: str, flags: tuple[str, ...], source: Path, target:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial_file = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
-        subprocess.run([compiler, *flags, "-o", str(partial_file), str(source)],
+        # -lm after the source: libm brings glibc's vector math (libmvec) the glue's exp uses
+        subprocess.run([compiler, *flags, "-o", str(partial_file), str(source), "-lm"],
                        check=True, capture_output=True, text=True, timeout=120)
         os.replace(partial_file, target)  # whole or absent: a concurrent process never loads half a file
     finally:
@@ -167,6 +169,15 @@ def kernel_library() -> ctypes.CDLL | None:
                  torch.backends.cpu.get_cpu_capability())
         return None
     return load_library(KERNEL_SOURCE)
+
+
+@functools.cache
+def glue_library() -> ctypes.CDLL | None:
+    """rlsc/kernels/decode_glue.c built for this CPU and loaded (rlsc/decode_step.py's native glue),
+    or None where it cannot run: the same conditions as the kernel's, and RLSC_DECODE_GLUE=0."""
+    if os.environ.get("RLSC_DECODE_GLUE", "1") == "0" or kernel_library() is None:
+        return None
+    return load_library(GLUE_SOURCE)
 
 
 def skinny_kernel() -> Callable | None:
@@ -224,13 +235,13 @@ def load_library(source: Path, flags: tuple[str, ...] | None = None) -> ctypes.C
     """A kernel source built (once per source, compiler and flags) and loaded; None if that fails."""
     compiler = c_compiler()
     if compiler is None:
-        log.warning("decode kernel off: no C compiler (cc/gcc) on PATH; sampling uses torch's matmul")
+        log.warning("%s off: no C compiler (cc/gcc) on PATH; sampling runs on torch alone", source.name)
         return None
     try:
-        return build_library(source, "skinny_linear", compiler, flags)
+        return build_library(source, source.stem, compiler, flags)
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", None) or err
-        log.warning("decode kernel off: building %s with %s failed (%s); sampling uses torch's matmul",
+        log.warning("%s off: building it with %s failed (%s); sampling runs on torch alone",
                     source.name, compiler, str(detail).strip()[-400:])
         return None
 

@@ -37,7 +37,7 @@ def build_tiny_tokenizer():
 
 
 def build_tiny_model(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2, tie_word_embeddings: bool = False,
-                     family: str = "llama"):
+                     family: str = "llama", heads: int = 4, kv_heads: int = 2):
     """A tiny random causal LM: Llama (SmolLM2's family) by default, or Qwen2 (the embedded default's)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -46,7 +46,7 @@ def build_tiny_model(vocab_size: int, seed: int = 0, hidden: int = 32, layers: i
     torch.manual_seed(seed)
     config = config_class(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
         pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=tie_word_embeddings,
     )
     model = model_class(config)

@@ -24,27 +24,57 @@ def _states(model, tok, prompts, k, reserve):
     return written, own, len(prompts) * k
 
 
+@pytest.fixture(params=["native", "torch"])
+def glue(request, monkeypatch):
+    """The step's glue: decode_glue.c (where it builds: x86-64 with AVX2 and a C compiler) or torch's ops."""
+    if request.param == "torch":
+        monkeypatch.setattr(decode_step, "native_glue", lambda: None)
+    elif decode_step.native_glue() is None:
+        pytest.skip("decode_glue.c does not run on this machine (needs x86-64 with AVX2 and a C compiler)")
+    return request.param
+
+
+def _compare_steps(tok, written, own, rows, steps, leave_at=(2, 5)):
+    gen = torch.Generator().manual_seed(0)
+    active = torch.arange(rows)
+    for t in range(steps):
+        tokens = torch.randint(3, len(tok), (len(active),), generator=gen)
+        expected, got = own.step(tokens), written.step(tokens)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        if t in leave_at and len(active) > 1:  # some rows finish: keep every other one
+            keep = torch.arange(0, len(active), 2)
+            own.keep(keep)
+            written.keep(keep)
+            active = active[keep]
+
+
 @pytest.mark.parametrize("family,tied", [("llama", True), ("llama", False), ("qwen2", False)])
 @pytest.mark.parametrize("prompts,k", [(PROMPTS[:1], 5), (PROMPTS, 2), (PROMPTS, 1)],
                          ids=["one-prompt-shared", "three-prompts-per-row", "greedy-batch"])
 @torch.no_grad()
-def test_written_out_step_gives_the_models_own_logits(family, tied, prompts, k):
+def test_written_out_step_gives_the_models_own_logits(family, tied, prompts, k, glue):
     tok = build_tiny_tokenizer()
     model = build_tiny_model(len(tok), family=family, tie_word_embeddings=tied, layers=3)
     assert decode_step.supports(model)
     written, own, rows = _states(model, tok, prompts, k, reserve=8)
     assert written.shared == (len(prompts) == 1)
-    gen = torch.Generator().manual_seed(0)
-    active = torch.arange(rows)
-    for t in range(8):
-        tokens = torch.randint(3, len(tok), (len(active),), generator=gen)
-        expected, got = own.step(tokens), written.step(tokens)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        if t in (2, 5) and len(active) > 1:  # some rows finish: keep every other one
-            keep = torch.arange(0, len(active), 2)
-            own.keep(keep)
-            written.keep(keep)
-            active = active[keep]
+    assert (written.native is not None) == (glue == "native")
+    _compare_steps(tok, written, own, rows, steps=8)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("prompts,k", [(PROMPTS[:1], 4), (PROMPTS, 2)], ids=["one-prompt-shared", "three-prompts-per-row"])
+@torch.no_grad()
+def test_real_head_sizes_over_several_key_blocks(family, prompts, k, glue):
+    """Head size 64 and 5 query heads per kv head (as Qwen2.5-0.5B's 64 and 7): the native glue's
+    vector paths (16-key blocks, 16-wide value stripes, query heads 4 at a time and a remainder),
+    over prompts and completions longer than one 16-key block, rows leaving mid-block."""
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(len(tok), family=family, hidden=640, heads=10, kv_heads=2)
+    long_prompts = [p.replace("[assistant]", " Please think step by step, then answer.[assistant]") for p in prompts]
+    assert len(tok(long_prompts[0], add_special_tokens=False)["input_ids"]) > 16
+    written, own, rows = _states(model, tok, long_prompts, k, reserve=40)
+    _compare_steps(tok, written, own, rows, steps=37, leave_at=(5, 17))
 
 
 @torch.no_grad()
@@ -53,8 +83,8 @@ def test_the_shared_prompt_is_held_once_and_rows_write_their_own_positions():
     model = build_tiny_model(len(tok))
     written, _, rows = _states(model, tok, PROMPTS[:1], k=4, reserve=3)
     prompt_len = len(tok(PROMPTS[0], add_special_tokens=False)["input_ids"])
-    assert written.prompt_keys.shape[1] == 1 and written.prompt_keys.shape[3] == prompt_len
-    assert written.keys.shape[1] == rows and written.keys.shape[3] == 3
+    assert written.prompt_keys.shape[1] == 1 and written.prompt_values.shape[3] == prompt_len
+    assert written.keys.shape[1] == rows and written.values.shape[3] == 3
     written.step(torch.tensor([5, 6, 7, 8]))
     assert written.positions.tolist() == [prompt_len + 1] * rows
     written.step(torch.tensor([5, 6, 7, 8]))
@@ -78,7 +108,7 @@ def test_other_architectures_and_the_switch_use_the_models_forward(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_greedy_rollouts_are_the_same_either_way(monkeypatch, family):
+def test_greedy_rollouts_are_the_same_either_way(monkeypatch, family, glue):
     tok = build_tiny_tokenizer()
     model = build_tiny_model(len(tok), family=family, seed=3)
 
@@ -94,7 +124,7 @@ def test_greedy_rollouts_are_the_same_either_way(monkeypatch, family):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @torch.no_grad()
-def test_a_lora_wrapped_model_decodes_through_its_adapters(precision):
+def test_a_lora_wrapped_model_decodes_through_its_adapters(precision, glue):
     """The step calls the model's own projection modules, so a peft adapter (non-zero here) and
     the decode kernels' layer forwards apply as in the model's forward."""
     from rlsc.config import ModelConfig
