@@ -42,6 +42,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
@@ -200,10 +201,14 @@ def amx_kernel() -> Callable | None:
     run.restype = None
     run.argtypes = [*_FP32_ARGTYPES, ctypes.c_void_p]
 
+    scratch = torch.empty(0, dtype=torch.bfloat16)  # x packed into tiles; grown, then reused call after call
+
     def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+        nonlocal scratch
         (rows, inner), outer = x.shape, weight.shape[0]
-        row_blocks = -(-rows // AMX_TILE_ROWS)
-        scratch = torch.empty(row_blocks * AMX_TILE_ROWS * inner, dtype=torch.bfloat16)  # x packed into tiles
+        size = -(-rows // AMX_TILE_ROWS) * AMX_TILE_ROWS * inner
+        if scratch.numel() < size:
+            scratch = torch.empty(size, dtype=torch.bfloat16)
         run(x.data_ptr(), x.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(),
             out.data_ptr(), rows, outer, inner, torch.get_num_threads(), scratch.data_ptr())
 
@@ -412,11 +417,16 @@ def _bf16_forwards(model, layers: list[torch.nn.Linear]) -> dict[torch.nn.Linear
     for members in sibling_groups(model, layers):
         fused = FusedSiblings(members, amx)
         forwards.update({m: fused.forward_of(i) for i, m in enumerate(members)})
+        if amx is not None and amx_shape_ok(*fused.weight.shape):
+            _DIRECT.update({m: Direct(amx, fused.weight, fused.bias, rows, fused)
+                            for m, rows in zip(members, fused.slices)})
     for layer in layers:
         if layer not in forwards:
             if layer.weight.data_ptr() not in copies:
                 copies[layer.weight.data_ptr()] = layer.weight.detach().to(torch.bfloat16)
             forwards[layer] = _bf16_forward(layer, copies[layer.weight.data_ptr()], amx)
+            if amx is not None and amx_shape_ok(*layer.weight.shape):
+                _DIRECT[layer] = Direct(amx, copies[layer.weight.data_ptr()], layer.bias)
     return forwards
 
 
@@ -425,7 +435,31 @@ def _layer_forwards(model, precision: str) -> dict[torch.nn.Linear, Callable]:
     if precision == "bf16":
         return _bf16_forwards(model, layers)
     kernel = skinny_kernel()
-    return {layer: _kernel_forward(layer, kernel) for layer in layers} if kernel is not None else {}
+    if kernel is None:
+        return {}
+    _DIRECT.update({layer: Direct(kernel, layer.weight, layer.bias) for layer in layers})
+    return {layer: _kernel_forward(layer, kernel) for layer in layers}
+
+
+class Direct(NamedTuple):
+    """How a layer's few-row products run on a kernel while a decode_kernel block is open, for a
+    caller that skips the module call (rlsc/decode_step.py's layer plan): kernel(x2d, weight, bias,
+    out) computes the product whose `columns` are this layer's output (all of them, or its slice
+    of a fused sibling group's product, `fused` the group)."""
+
+    kernel: Callable
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    columns: slice | None = None
+    fused: object | None = None
+
+
+_DIRECT: dict[torch.nn.Module, Direct] = {}  # filled while a decode_kernel block is open
+
+
+def direct_product(layer: torch.nn.Module) -> Direct | None:
+    """The layer's Direct inside a decode_kernel block, or None (not on a kernel, e.g. a LoRA wrapper)."""
+    return _DIRECT.get(layer)
 
 
 @contextlib.contextmanager
@@ -441,3 +475,4 @@ def decode_kernel(model, precision: str = "fp32") -> Iterator[None]:
     finally:
         for layer in forwards:
             del layer.forward
+            _DIRECT.pop(layer, None)

@@ -47,7 +47,8 @@ void rlsc_add_rms_norm(float *h, const float *delta, const float *w, float eps, 
 
 /* out = silu(gate) * up; gate and up rows with strides (both may be slices of one fused output) */
 void rlsc_silu_mul(const float *gate, int64_t ld_gate, const float *up, int64_t ld_up, float *out, int64_t rows,
-                   int64_t d) {
+                   int64_t d, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < rows; r++) {
         const float *g = gate + r * ld_gate, *u = up + r * ld_up;
         float *o = out + r * d;
@@ -78,6 +79,14 @@ static inline void store16(float *p, v16 v) { *(v16u *)p = v; }
  * accumulators are independent chains of multiply-adds. */
 #define QB 4
 
+static void store_scores(const v16 a[QB], int64_t width, float *scores, int64_t ld) {
+    for (int g = 0; g < QB; g++) {
+        float all[16];
+        store16(all, a[g]);
+        memcpy(scores + g * ld, all, (size_t)width * sizeof(float));
+    }
+}
+
 /* scores[g][j] = q[g] . key j for the QB queries q (rows of d) and n keys held in blocks of 16
  * columns: block b = keys 16b..16b+15 as [d][16], so element i of key j is at
  * keys[(j - j % 16) * d + i * 16 + j % 16]. 16 keys' scores are then d multiply-adds of a
@@ -86,26 +95,53 @@ static inline void store16(float *p, v16 v) { *(v16u *)p = v; }
  * buffer, ran 2x slower once the layers' keys had left the caches; ad hoc, stop 18). The last
  * block is whole too (rlsc/decode_step.py pads it), its extra scores dropped. scores: QB rows of ld. */
 static void scores_of_blocks(const float *q, int64_t d, const float *keys, int64_t n, float *scores, int64_t ld) {
-    for (int64_t j = 0; j < n; j += 16) {
+    int64_t j = 0;
+    for (; j + 16 < n; j += 32) {  /* two blocks at once: 2 QB independent chains */
+        v16 a[QB] = {{0}}, b[QB] = {{0}};
+        const float *block = keys + j * d;
+        for (int64_t i = 0; i < d; i++) {
+            const v16 first = load16(block + i * 16), second = load16(block + (d + i) * 16);
+            for (int g = 0; g < QB; g++) {
+                a[g] += q[g * d + i] * first;
+                b[g] += q[g * d + i] * second;
+            }
+        }
+        store_scores(a, 16, scores + j, ld);
+        store_scores(b, n - j - 16 < 16 ? n - j - 16 : 16, scores + j + 16, ld);
+    }
+    if (j < n) {
         v16 a[QB] = {{0}};
         const float *block = keys + j * d;
         for (int64_t i = 0; i < d; i++) {
             const v16 column = load16(block + i * 16);
             for (int g = 0; g < QB; g++) a[g] += q[g * d + i] * column;
         }
-        const int64_t width = n - j < 16 ? n - j : 16;
-        for (int g = 0; g < QB; g++) {
-            float all[16];
-            store16(all, a[g]);
-            memcpy(scores + g * ld + j, all, (size_t)width * sizeof(float));
-        }
+        store_scores(a, n - j, scores + j, ld);
     }
 }
 
 /* out[g] += sum_j p[g][j] * value j for the QB weight rows p (row stride ld), values as rows
- * [n, d]: 16 elements of every out[g] at a time, one value vector per QB multiply-adds */
+ * [n, d]: 32 (else 16) elements of every out[g] at a time, one value vector per QB multiply-adds */
 static void mix_rows(const float *p, int64_t ld, const float *values, int64_t n, int64_t d, float *out) {
     int64_t c = 0;
+    for (; c + 32 <= d; c += 32) {
+        v16 a[QB], b[QB];
+        for (int g = 0; g < QB; g++) {
+            a[g] = load16(out + g * d + c);
+            b[g] = load16(out + g * d + c + 16);
+        }
+        for (int64_t j = 0; j < n; j++) {
+            const v16 first = load16(values + j * d + c), second = load16(values + j * d + c + 16);
+            for (int g = 0; g < QB; g++) {
+                a[g] += p[g * ld + j] * first;
+                b[g] += p[g * ld + j] * second;
+            }
+        }
+        for (int g = 0; g < QB; g++) {
+            store16(out + g * d + c, a[g]);
+            store16(out + g * d + c + 16, b[g]);
+        }
+    }
     for (; c + 16 <= d; c += 16) {
         v16 a[QB];
         for (int g = 0; g < QB; g++) a[g] = load16(out + g * d + c);
@@ -129,6 +165,7 @@ static void softmax(float *scores, int64_t n, const uint8_t *prompt_keep, int64_
         for (int64_t j = 0; j < prompt_len; j++)
             if (!prompt_keep[j]) scores[j] = -3.4e38f;  /* padding: exp(-huge - top) = 0 */
     float top = -3.4e38f;
+#pragma omp simd reduction(max : top)
     for (int64_t j = 0; j < n; j++) top = scores[j] > top ? scores[j] : top;
     float total = 0.0f;
 #pragma omp simd reduction(+ : total)

@@ -157,3 +157,27 @@ def test_rotary_in_three_ops_equals_transformers_rotate_half_formula():
     factors = decode_step.rotary_factors(cos[:, None], sin[:, None])
     torch.testing.assert_close(decode_step.rotate(q, *factors), expected_q[:, :, 0], rtol=0, atol=1e-6)
     torch.testing.assert_close(decode_step.rotate(k, *factors), expected_k[:, :, 0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("prompts,k", [(PROMPTS[:1], 4), (PROMPTS, 2)], ids=["one-prompt-shared", "three-prompts-per-row"])
+@torch.no_grad()
+def test_layer_plans_give_the_module_calls_logits(precision, prompts, k, glue):
+    """Inside decode_kernel every product can skip its module call (LayerPlan): the same kernels
+    on the same weights, so the same logits as calling the modules, as rows leave."""
+    from rlsc.decoding import decode_kernel, direct_product
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(len(tok), family="qwen2", hidden=64, layers=2)  # q/k/v biases: Qwen2's
+    with decode_kernel(model, precision):
+        on_kernels = direct_product(model.model.layers[0].mlp.down_proj) is not None
+        if glue == "torch" or not on_kernels:
+            written, _, _ = _states(model, tok, prompts, k, reserve=6)
+            assert written.plans is None  # plans run with the native glue, on the kernels only
+            return
+        planned, _, rows = _states(model, tok, prompts, k, reserve=6)
+        through_modules, _, _ = _states(model, tok, prompts, k, reserve=6)
+        through_modules.plans = None
+        assert planned.plans is not None
+        _compare_steps(tok, planned, through_modules, rows, steps=6)
+    assert direct_product(model.model.layers[0].mlp.down_proj) is None  # the block closed: nothing left behind
