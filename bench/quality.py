@@ -133,7 +133,7 @@ def kept_base_result(args, out: Path, problems: Path) -> dict | None:
     Only the base model's: a trained arm's evaluation is redone with the arm (its training is)."""
     from rlsc.data import load_problems
 
-    kept = Path(args.out) / KEPT / out.relative_to(args.work)
+    kept = kept_root(args) / out.relative_to(args.work)
     if not (kept / "metrics.json").is_file():
         return None
     wanted = sorted(p.id for p in load_problems(str(problems)))
@@ -225,7 +225,12 @@ DROPPED_FIELDS = ("samples",)  # the k samples' texts (16x a record's size); the
 def run_roots(args) -> list[Path]:
     """Where a run's files are looked for: the work folder first, then the copy kept beside the
     results, so a fresh checkout rebuilds the tables (and new runs add to them) without the work folder."""
-    return [Path(args.work), Path(args.out) / KEPT]
+    return [Path(args.work), kept_root(args)]
+
+
+def kept_root(args) -> Path:
+    """The copy of the runs kept beside the results (<out>/quality-runs)."""
+    return Path(args.out) / KEPT
 
 
 def locate(args, relative: str) -> Path | None:
@@ -235,7 +240,7 @@ def locate(args, relative: str) -> Path | None:
 def keep_runs(args) -> None:
     """Copy every evaluation's metrics and per-problem records (less DROPPED_FIELDS) and every training
     run's metrics and probe from the work folder into <out>/quality-runs."""
-    work, kept = Path(args.work), Path(args.out) / KEPT
+    work, kept = Path(args.work), kept_root(args)
     for metrics in sorted(work.glob("eval/*/*/metrics.json")):
         target = kept / metrics.parent.relative_to(work)
         target.mkdir(parents=True, exist_ok=True)
