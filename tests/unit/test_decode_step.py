@@ -24,14 +24,21 @@ def _states(model, tok, prompts, k, reserve):
     return written, own, len(prompts) * k
 
 
-@pytest.fixture(params=["native", "torch"])
+@pytest.fixture(params=["native", "native-avx2", "torch"])
 def glue(request, monkeypatch):
-    """The step's glue: decode_glue.c (where it builds: x86-64 with AVX2 and a C compiler) or torch's ops."""
+    """The step's glue: decode_glue.c built for this CPU or for AVX2 only (where it builds: x86-64
+    with AVX2 and a C compiler), or torch's ops."""
+    from rlsc import decoding
+
     if request.param == "torch":
         monkeypatch.setattr(decode_step, "native_glue", lambda: None)
-    elif decode_step.native_glue() is None:
+        return request.param
+    if decode_step.native_glue() is None:
         pytest.skip("decode_glue.c does not run on this machine (needs x86-64 with AVX2 and a C compiler)")
-    return request.param
+    if request.param == "native-avx2":
+        avx2 = decode_step.NativeGlue(decoding.load_library(decoding.GLUE_SOURCE, decoding.AVX2_FLAGS))
+        monkeypatch.setattr(decode_step, "native_glue", lambda: avx2)
+    return "native"
 
 
 def _compare_steps(tok, written, own, rows, steps, leave_at=(2, 5)):
