@@ -107,8 +107,11 @@ class NativeGlue:
         self._silu_mul.argtypes = [p, i64, p, i64, p, i64, i64, ctypes.c_int]
         self._attention.argtypes = [p, i64, p, i64, p, i64, p, p, f32, p, p, p, i64, i64, i64, p, p, i64, i64,
                                     i64, p, i64, i64, i64, i64, ctypes.c_int]
-        for f in (self._norm, self._silu_mul, self._attention):
+        self._statistics = library.rlsc_step_statistics
+        self._statistics.argtypes = [p, i64, i64, f32, p, p, i64, p, p, p, p, p, p, p, ctypes.c_int]
+        for f in (self._norm, self._silu_mul, self._attention, self._statistics):
             f.restype = None
+        self._probs = torch.empty(0)  # step_statistics' p table, reused step after step
 
     def add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, norm: torch.nn.Module,
                  x: torch.Tensor | None = None):
@@ -142,6 +145,24 @@ class NativeGlue:
                         out.data_ptr(), rows, q.shape[1] // dim,
                         kv_heads, dim, torch.get_num_threads())
         return out
+
+    def step_statistics(self, logits: torch.Tensor, temperature: float, uniforms: torch.Tensor | None,
+                        groups: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """(drawn tokens [rows], {statistic: [rows]}, agreement [n_groups]) of one sampling step from
+        logits [rows, V]: the draw by inverse CDF with one float64 uniform per row (None: greedy);
+        the statistics as rlsc/sampling.py's StepRecorder.record computes them in torch."""
+        logits, groups = logits.contiguous(), groups.contiguous()
+        rows, vocab = logits.shape
+        if self._probs.numel() < rows * vocab:
+            self._probs = torch.empty(rows * vocab)
+        chosen = torch.empty(rows, dtype=torch.int64)
+        values = {name: torch.empty(rows) for name in
+                  ("token_logprobs", "token_entropy", "token_max_prob", "token_self_certainty")}
+        agreement = torch.empty(n_groups)
+        self._statistics(logits.data_ptr(), rows, vocab, temperature, _ptr(uniforms), groups.data_ptr(), n_groups,
+                         self._probs.data_ptr(), chosen.data_ptr(), *(v.data_ptr() for v in values.values()),
+                         agreement.data_ptr(), torch.get_num_threads())
+        return chosen, values, agreement
 
 
 class Products:

@@ -144,6 +144,27 @@ class StepRecorder:
                        ("token_logprobs", "token_entropy", "token_max_prob", "token_self_certainty")}
         self.agreement = torch.full((n_prompts, width), float("nan"))
 
+    def step(self, t: int, rows: torch.Tensor, logits: torch.Tensor, temperature: float, greedy: bool) -> torch.Tensor:
+        """Draw step t's token of each row from softmax(logits / temperature) (greedy: its argmax)
+        and record the statistics; the draws consume the generator as sample_from does. On CPU,
+        in fp32, decode_glue.c does it in one pass over each row (6.6 ms a step at SmolLM2's
+        vocabulary in torch, 21 ms at Qwen's; ad hoc, stop 18); elsewhere, torch."""
+        glue = decode_step.native_glue()
+        if glue is None or logits.device.type != "cpu" or logits.dtype != torch.float32:
+            logp = torch.log_softmax(logits / temperature, dim=-1)
+            probs = logp.exp()
+            chosen = logp.argmax(-1) if greedy else sample_from(logp, probs)
+            self.record(t, rows, logp, probs, chosen)
+            return chosen
+        uniforms = None if greedy else torch.rand(logits.shape[0], dtype=torch.float64)
+        chosen, values, agreement = glue.step_statistics(logits, temperature, uniforms, rows // self.k,
+                                                         self.agreement.shape[0])
+        self.tokens[rows, t] = chosen
+        for name, v in values.items():
+            self.tables[name][rows, t] = v
+        self.agreement[:, t] = agreement  # NaN for a prompt with no row left, as record leaves it
+        return chosen
+
     def record(self, t: int, rows: torch.Tensor, logp: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> None:
         """Row statistics of step t from the log-probabilities `logp` and probs = exp(logp) (one
         vocabulary-wide exp a step serves the sampler, the entropy and the agreement)."""
@@ -198,10 +219,7 @@ def decode(model, prompt_tokens: list[list[int]], pad_id: int, eos: torch.Tensor
     recorder = StepRecorder(n, len(prompt_tokens), k, max_new_tokens, pad_id)
     active = torch.arange(n, device=device)  # original row index of each row still decoding
     for t in range(max_new_tokens):
-        logp = torch.log_softmax(logits / temperature, dim=-1)
-        probs = logp.exp()
-        chosen = logp.argmax(-1) if greedy else sample_from(logp, probs)
-        recorder.record(t, active, logp, probs, chosen)
+        chosen = recorder.step(t, active, logits, temperature, greedy)
         running = ~torch.isin(chosen, eos)
         if t == max_new_tokens - 1 or not running.any():
             break

@@ -223,3 +223,35 @@ def test_models_that_transform_their_logits_take_the_padded_path(tiny_policy):
         assert scoring.decoder_and_head(model) is None
     finally:
         model.config.final_logit_softcapping = None
+
+
+@pytest.mark.parametrize("vocab", [37, 49152])
+@pytest.mark.parametrize("greedy", [False, True])
+def test_native_step_statistics_equal_the_torch_record(vocab, greedy):
+    """decode_glue.c's one-pass statistics against StepRecorder.record's torch computation (the
+    independent one): same tokens from the same generator state, log p, entropy, max p,
+    self-certainty to float rounding, agreement per prompt (NaN for a prompt with no row left)."""
+    from rlsc import decode_step
+    from rlsc.sampling import StepRecorder, sample_from
+
+    glue = decode_step.native_glue()
+    if glue is None:
+        pytest.skip("decode_glue.c does not run on this machine (needs x86-64 with AVX2 and a C compiler)")
+    k, n_prompts = 4, 3
+    rows = torch.tensor([0, 1, 3, 4, 6, 7])  # prompt 2's rows have all finished
+    logits = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(vocab)) * 4
+    logits[1, 5] = logits[1].max() + 0.0  # a tie at the top: the first index wins, as torch's argmax
+    native, reference = StepRecorder(12, n_prompts, k, 3, 0), StepRecorder(12, n_prompts, k, 3, 0)
+    for temperature in (0.5, 1.0):
+        torch.manual_seed(7)
+        chosen = native.step(1, rows, logits, temperature, greedy)
+        torch.manual_seed(7)
+        logp = torch.log_softmax(logits / temperature, dim=-1)
+        expected = logp.argmax(-1) if greedy else sample_from(logp, logp.exp())
+        reference.record(1, rows, logp, logp.exp(), expected)
+        assert torch.equal(chosen, expected)
+        assert torch.equal(native.tokens, reference.tokens)
+        for name in native.tables:
+            torch.testing.assert_close(native.tables[name], reference.tables[name], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(native.agreement, reference.agreement, rtol=1e-5, atol=1e-6, equal_nan=True)
+        assert native.agreement[2, 1].isnan() and not native.agreement[:2, 1].isnan().any()
