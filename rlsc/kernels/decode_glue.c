@@ -1,7 +1,8 @@
 /* The glue between a decode step's matrix products, for rlsc/decode_step.py: RMSNorm with the
  * residual add, attention of the step's one new position (rotary embedding, the key/value write,
  * scores against the prompt and the row's own completion, softmax, the mix of values), and the
- * gated MLP's SiLU(gate) * up.
+ * gated MLP's SiLU(gate) * up; and, for rlsc/sampling.py, each step's draw and statistics (last
+ * section).
  *
  * Why in C: with 16 rows a small model's decode step spent as long in this glue as in its weights.
  * Eager torch ran it as ~40 small operators per layer at 5-50 us each (SmolLM2-135M: ~18 ms of a
