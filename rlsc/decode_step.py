@@ -96,8 +96,9 @@ def _rows_of(t: torch.Tensor) -> torch.Tensor:
 
 
 class NativeGlue:
-    """rlsc/kernels/decode_glue.c's three calls on fp32 CPU tensors: RMSNorm with the residual
-    add, one layer's attention of the new position, SiLU(gate) * up."""
+    """rlsc/kernels/decode_glue.c on fp32 CPU tensors: the decode step's RMSNorm with the residual
+    add, one layer's attention of the new position and SiLU(gate) * up; and the sampling loop's
+    per-step draw and statistics (step_statistics, for rlsc/sampling.py's StepRecorder)."""
 
     def __init__(self, library: ctypes.CDLL):
         i64, p, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
