@@ -266,9 +266,9 @@ class DecodeStep:
         self.prompt_keys = torch.stack([layer.keys for layer in cache.layers]).repeat_interleave(repeats, dim=1)
         self.prompt_values = torch.stack([layer.values for layer in cache.layers]).repeat_interleave(repeats, dim=1)
         mask = prompt_mask.repeat_interleave(repeats, dim=0).bool()
-        # additive mask of the prompt's padding, [prompt rows, 1, 1, P]; None when there is none
-        self.prompt_bias = None if mask.all() else self.prompt_keys.new_zeros(mask.shape) \
-            .masked_fill(~mask, float("-inf"))[:, None, None, :]
+        # the prompt positions each prompt row attends (not its padding), [prompt rows, P]; None when
+        # there is no padding (bool: the C glue reads it as bytes, 1 = attend)
+        self.prompt_keep = None if mask.all() else mask.contiguous()
         self.positions = prompt_mask.sum(-1).repeat_interleave(k)  # next position of each row
         layers, _, kv_heads, _, dim = self.prompt_keys.shape
         rows = n_prompts * k
@@ -284,8 +284,6 @@ class DecodeStep:
         else:  # keys in blocks of 16 columns, positions padded to whole blocks (decode_glue.c)
             self.prompt_keys = as_key_blocks(self.prompt_keys)
             self.keys = self.prompt_keys.new_zeros(layers, rows, kv_heads, padded_to_16(reserve) // 16, dim, 16)
-        # the prompt's padding for the native glue: 1 = attend, per prompt row; None when there is none
-        self.prompt_keep = None if self.prompt_bias is None else mask.to(torch.uint8).contiguous()
 
     def _native_ready(self) -> bool:
         """The C glue takes fp32 CPU tensors; anything else runs the torch glue."""
@@ -306,7 +304,6 @@ class DecodeStep:
         self.positions = self.positions[rows]
         if not self.shared:
             self.prompt_keys, self.prompt_values = self.prompt_keys[:, rows], self.prompt_values[:, rows]
-            self.prompt_bias = None if self.prompt_bias is None else self.prompt_bias[rows]
             self.prompt_keep = None if self.prompt_keep is None else self.prompt_keep[rows]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -316,6 +313,9 @@ class DecodeStep:
         h = self.embed(tokens)
         cos, sin = self.rotary(h, self.positions[None, :])
         rotation = tuple(f.contiguous() for f in rotary_factors(cos[0], sin[0]))  # [rows, D] each
+        if self.native is None:  # the torch glue's form: (key rotation, query rotation), over heads
+            key_rotation = tuple(f[:, None, :] for f in rotation)  # [rows, 1, D]
+            rotation = key_rotation, tuple(f * self.scaling for f in key_rotation)  # the scores' scaling, folded in
         h, delta = self._through_plans(h, rotation) if self.plans else self._through_modules(h, rotation)
         h, x = self._add_norm(h, delta, self.final_norm)
         self.filled += 1
@@ -367,14 +367,14 @@ class DecodeStep:
                    out: torch.Tensor | None = None) -> torch.Tensor:
         """Attention output [rows, heads * D] of the new position (into `out` where given, native
         glue), from the layer's projections; the rotated key and the value are written at position
-        `filled` of the layer's buffers."""
+        `filled` of the layer's buffers. rotation: step()'s form for this glue (native: (cos, signed
+        sin) [rows, D]; torch: the key and query rotations over heads)."""
         if self.native is not None:
             return self.native.attention(q, k, v, rotation, self.scaling, self.prompt_keys[index],
                                          self.prompt_values[index], self.prompt_keep, self.keys[index],
                                          self.values[index], self.filled, out)
         rows, t = q.shape[0], self.filled
-        key_rotation = tuple(f[:, None, :] for f in rotation)  # [rows, 1, D]: over heads
-        query_rotation = tuple(f * self.scaling for f in key_rotation)  # the scores' scaling, folded in
+        key_rotation, query_rotation = rotation
         q = rotate(q.view(rows, -1, self.head_dim), *query_rotation)
         rotate(k.view(rows, -1, self.head_dim), *key_rotation, out=self.keys[index, :, :, t])
         self.values[index, :, :, t] = v.view(rows, -1, self.head_dim)
@@ -391,7 +391,8 @@ class DecodeStep:
 
     def _prompt_scores(self, index: int, q: torch.Tensor) -> torch.Tensor:
         scores = self._with_prompt(q, self.prompt_keys[index].transpose(-1, -2))
-        return scores if self.prompt_bias is None else scores + self.prompt_bias
+        return scores if self.prompt_keep is None else \
+            scores.masked_fill(~self.prompt_keep[:, None, None, :], float("-inf"))  # padding
 
     def _prompt_mix(self, index: int, probs: torch.Tensor) -> torch.Tensor:
         return self._with_prompt(probs, self.prompt_values[index])

@@ -7,8 +7,8 @@
  * Why in C: with 16 rows a small model's decode step spent as long in this glue as in its weights.
  * Eager torch ran it as ~40 small operators per layer at 5-50 us each (SmolLM2-135M: ~18 ms of a
  * 35 ms bf16 step, 30 layers; bench/RESULTS.md); here it is 3 calls per layer. The products that
- * hold weights stay with the model's modules (and rlsc/kernels/skinny_linear.c), so LoRA
- * adapters still apply.
+ * hold weights stay with the model's modules, or the decode kernels directly (rlsc/decode_step.py's
+ * LayerPlan), so LoRA adapters still apply.
  *
  * Everything is fp32, contiguous unless a stride is given. Results agree with torch's to float
  * rounding (other summation orders), tested against the model's own forward
